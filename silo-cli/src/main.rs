@@ -1,0 +1,2 @@
+//! The silo command-line tool (work in progress).
+fn main() {}

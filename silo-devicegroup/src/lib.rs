@@ -1,0 +1,1 @@
+//! silo-devicegroup: work in progress.

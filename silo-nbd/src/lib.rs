@@ -1,0 +1,1 @@
+//! silo-nbd: work in progress.

@@ -1,0 +1,1 @@
+//! silo-protocol: work in progress.

@@ -1,0 +1,1 @@
+//! silo-s3: work in progress.

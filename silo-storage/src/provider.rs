@@ -1,0 +1,213 @@
+//! The provider trait every source and module implements.
+//!
+//! # Contract
+//!
+//! * **Ranges are checked at the edge.** A request that does not lie entirely
+//!   inside `[0, size())` fails with [`Error::OutOfRange`]; nothing is
+//!   truncated silently and nothing panics. Zero-length requests inside (or at
+//!   the end of) the device succeed and do nothing.
+//! * **Buffers are owned while I/O is in flight.** [`Provider::read_at`] takes a
+//!   [`BytesMut`] whose *length* is the number of bytes to read and gives it
+//!   back filled; [`Provider::write_at`] takes [`Bytes`]. Because the operation
+//!   owns the buffer, a kernel submission (io_uring) stays sound even when the
+//!   caller drops its future, and a block read for sending can be frozen into
+//!   `Bytes` and put on the wire without a copy.
+//! * **Reads and writes are all-or-nothing** from the caller's point of view:
+//!   `Ok` means every byte was transferred.
+//! * **Trim** deallocates where the provider can; afterwards the range reads
+//!   as zeroes on every silo provider (stronger than NBD requires, and what a
+//!   migration needs to stay deterministic).
+//! * **`cancel_writes(offset, len)`** is a hint: writes to that range that
+//!   are in flight *may* fail with [`Error::Cancelled`]; writes not yet issued
+//!   are unaffected. Providers with nothing to cancel ignore it.
+//! * **`flush`** returns once every write that completed before it was issued
+//!   is durable (for volatile providers: immediately).
+//! * **`close`** waits for in-flight operations to finish, releases resources
+//!   and makes later operations fail with [`Error::Closed`]. Closing twice is
+//!   not an error.
+//! * **Capabilities** describe what a layer can do, and every module forwards
+//!   (and possibly restricts) the answer of the provider it wraps, so an NBD
+//!   server can derive its transmission flags from the top of a stack.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::error::Result;
+
+/// What a provider can do. Modules forward the capabilities of the provider
+/// they wrap, restricting them where they change behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// `flush` is a meaningful durability barrier (or trivially succeeds on a
+    /// volatile device that never loses acknowledged data while running).
+    pub flush: bool,
+    /// Forced unit access: a write followed by `flush` makes it durable.
+    pub fua: bool,
+    /// `trim` is supported.
+    pub trim: bool,
+    /// `write_zeroes` is efficient (no data written through the stack).
+    pub write_zeroes: bool,
+    /// Safe for several concurrent writers (e.g. several NBD connections):
+    /// every write is visible to every later read, whichever caller made it.
+    pub concurrent: bool,
+    /// The provider refuses writes.
+    pub read_only: bool,
+}
+
+impl Capabilities {
+    /// Everything supported, writable.
+    pub const ALL: Capabilities = Capabilities {
+        flush: true,
+        fua: true,
+        trim: true,
+        write_zeroes: true,
+        concurrent: true,
+        read_only: false,
+    };
+
+    /// Nothing optional supported, writable.
+    pub const NONE: Capabilities = Capabilities {
+        flush: false,
+        fua: false,
+        trim: false,
+        write_zeroes: false,
+        concurrent: false,
+        read_only: false,
+    };
+
+    /// What both `self` and `other` support (for layers over several providers).
+    pub fn intersect(self, other: Capabilities) -> Capabilities {
+        Capabilities {
+            flush: self.flush && other.flush,
+            fua: self.fua && other.fua,
+            trim: self.trim && other.trim,
+            write_zeroes: self.write_zeroes && other.write_zeroes,
+            concurrent: self.concurrent && other.concurrent,
+            read_only: self.read_only || other.read_only,
+        }
+    }
+
+    /// The same capabilities, marked read-only.
+    pub fn with_read_only(mut self, read_only: bool) -> Capabilities {
+        self.read_only = read_only;
+        self
+    }
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities::NONE
+    }
+}
+
+/// A block device: sources store data, modules wrap another provider.
+///
+/// See the [module documentation](self) for the contract every
+/// implementation follows.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Size of the device in bytes. Fixed for the provider's life.
+    fn size(&self) -> u64;
+
+    /// What this provider (and everything below it) supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut>;
+
+    /// Writes all of `data` at `offset`.
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()>;
+
+    /// Makes every write completed before this call durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Discards `[offset, offset + len)`; afterwards it reads as zeroes.
+    async fn trim(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Writes zeroes over `[offset, offset + len)`.
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Hint: in-flight writes to this range may be abandoned.
+    fn cancel_writes(&self, offset: u64, len: u64);
+
+    /// Waits for in-flight I/O, releases resources; later calls fail.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A shared, type-erased provider: what modules wrap and stacks pass around.
+pub type DynProvider = Arc<dyn Provider>;
+
+/// Largest chunk [`write_zeroes_by_writing`] writes at once.
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// Implements `write_zeroes` for a provider with no cheaper way: writes a
+/// shared zero buffer in chunks of at most [`ZERO_CHUNK`] bytes (one
+/// allocation per call, not per chunk).
+pub async fn write_zeroes_by_writing<P: Provider + ?Sized>(
+    p: &P,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    crate::error::check_range(crate::error::Op::WriteZeroes, offset, len, p.size())?;
+    if len == 0 {
+        return Ok(());
+    }
+    let zeroes = Bytes::from(vec![0u8; (len as usize).min(ZERO_CHUNK)]);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        p.write_at(offset + done, zeroes.slice(..n)).await?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Convenience calls on any provider (including `Arc<dyn Provider>`).
+#[async_trait]
+pub trait ProviderExt: Provider {
+    /// Reads `len` bytes at `offset` into a fresh buffer.
+    async fn read_bytes(&self, offset: u64, len: usize) -> Result<Bytes> {
+        Ok(self.read_at(offset, BytesMut::zeroed(len)).await?.freeze())
+    }
+
+    /// Writes a copy of `data` at `offset`.
+    async fn write_slice(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_at(offset, Bytes::copy_from_slice(data)).await
+    }
+}
+
+impl<P: Provider + ?Sized> ProviderExt for P {}
+
+#[async_trait]
+impl<P: Provider + ?Sized> Provider for Arc<P> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        (**self).read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        (**self).write_at(offset, data).await
+    }
+    async fn flush(&self) -> Result<()> {
+        (**self).flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, offset: u64, len: u64) {
+        (**self).cancel_writes(offset, len)
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
