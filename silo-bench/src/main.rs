@@ -1,3 +1,66 @@
 //! `cargo xtask bench`: runs each benchmark beside its reference in the same
 //! run and writes the ratios to BENCHMARKS.md.
-fn main() {}
+//!
+//! Usage: `cargo xtask bench [--quick] [GROUP...]` where GROUP is one of
+//! `storage`, `engine`, `protocol`, `nbd`, `s3`, `devicegroup` (default: all).
+//! `--quick` shrinks sizes for a smoke run; the published figures come from a
+//! full run on an otherwise idle machine.
+#![allow(clippy::print_stdout)]
+
+mod devicegroup;
+mod engine;
+mod nbd;
+mod protocol;
+mod report;
+mod s3;
+mod storage;
+
+use report::Report;
+
+/// Options every benchmark group receives.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Smaller sizes and fewer iterations (smoke test of the harness).
+    pub quick: bool,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let groups: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let want = |g: &str| groups.is_empty() || groups.contains(&g);
+    let opts = Opts { quick };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut report = Report::default();
+    type Group = fn(&Opts, &mut Report, &tokio::runtime::Runtime);
+    let all: [(&str, Group); 6] = [
+        ("storage", storage::run),
+        ("engine", engine::run),
+        ("protocol", protocol::run),
+        ("nbd", nbd::run),
+        ("s3", s3::run),
+        ("devicegroup", devicegroup::run),
+    ];
+    for (name, f) in all {
+        if want(name) {
+            println!("== {name}");
+            f(&opts, &mut report, &rt);
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("BENCHMARKS.md");
+    let cmd = format!("cargo xtask bench {}", args.join(" "));
+    report
+        .write_markdown(&path, cmd.trim(), &groups)
+        .expect("write BENCHMARKS.md");
+    println!("wrote {}", path.display());
+}

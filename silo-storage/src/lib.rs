@@ -22,10 +22,19 @@
 //! waiting cache, migrator, syncer) is built from the same pieces.
 #![deny(unsafe_code)]
 
+pub mod bitfield;
 pub mod block;
+pub mod dirty;
 pub mod error;
+pub mod hash;
+pub mod migrator;
+pub mod modules;
+pub mod order;
 pub mod provider;
 pub mod sources;
+pub mod syncer;
+pub mod volatility;
+pub mod waiting;
 
 pub use block::BlockLayout;
 pub use error::{check_range, Error, ErrorKind, Op, Result};

@@ -1,0 +1,7 @@
+//! Benchmarks of the devicegroup group (not written yet).
+
+use crate::report::Report;
+use crate::Opts;
+
+/// Runs the devicegroup benchmarks.
+pub fn run(_opts: &Opts, _report: &mut Report, _rt: &tokio::runtime::Runtime) {}

@@ -1,0 +1,1 @@
+//! Lock-free fixed-size bitfield (work in progress).

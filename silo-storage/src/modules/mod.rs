@@ -1,0 +1,1 @@
+//! Modules: providers that wrap another provider (work in progress).

@@ -1,0 +1,1 @@
+//! Block orders: any order, priority order (work in progress).

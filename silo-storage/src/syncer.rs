@@ -1,0 +1,1 @@
+//! Continuous sync of a tracked source to a destination (work in progress).

@@ -1,0 +1,1 @@
+//! Waiting cache for the destination side (work in progress).
