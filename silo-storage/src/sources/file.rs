@@ -81,6 +81,19 @@ impl Engine {
         }
     }
 
+    /// Submission counters of the process-wide io_uring (`None` if it was
+    /// never created or is unavailable). Shows how well submissions batch.
+    pub fn uring_stats() -> Option<UringStats> {
+        #[cfg(feature = "uring")]
+        {
+            sys::uring::global().ok().map(|r| r.stats())
+        }
+        #[cfg(not(feature = "uring"))]
+        {
+            None
+        }
+    }
+
     fn resolve(self) -> Result<Engine> {
         match self {
             Engine::Blocking => Ok(Engine::Blocking),
@@ -105,6 +118,20 @@ impl Engine {
             },
         }
     }
+}
+
+#[cfg(feature = "uring")]
+pub use super::sys::uring::RingStats as UringStats;
+
+/// Counters of the process-wide io_uring (always zero without the `uring`
+/// feature).
+#[cfg(not(feature = "uring"))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UringStats {
+    /// `io_uring_enter` calls that submitted at least one entry.
+    pub submit_calls: u64,
+    /// Entries submitted in total.
+    pub submitted: u64,
 }
 
 /// How to open a [`FileStorage`].

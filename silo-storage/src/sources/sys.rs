@@ -184,7 +184,7 @@ pub(crate) mod uring {
     use std::fs::File;
     use std::io;
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, OnceLock};
 
     use io_uring::{opcode, squeue, types, IoUring};
@@ -306,6 +306,20 @@ pub(crate) mod uring {
         inflight: AtomicUsize,
         park: Mutex<()>,
         wake: Condvar,
+        /// `io_uring_enter` calls that submitted entries.
+        enters: AtomicU64,
+        /// Entries submitted by those calls.
+        submitted: AtomicU64,
+    }
+
+    /// Counters of the process-wide ring.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct RingStats {
+        /// `io_uring_enter` calls that submitted at least one entry.
+        pub submit_calls: u64,
+        /// Entries submitted in total (`submitted / submit_calls` is the
+        /// average batch size).
+        pub submitted: u64,
     }
 
     static RING: OnceLock<Result<&'static Ring, String>> = OnceLock::new();
@@ -354,6 +368,8 @@ pub(crate) mod uring {
                 inflight: AtomicUsize::new(0),
                 park: Mutex::new(()),
                 wake: Condvar::new(),
+                enters: AtomicU64::new(0),
+                submitted: AtomicU64::new(0),
             };
             // A NOP round trip: catches seccomp profiles that allow setup but
             // not io_uring_enter.
@@ -452,7 +468,9 @@ pub(crate) mod uring {
         fn submit_and_reap(&self) {
             loop {
                 if let Some(_g) = self.enter.try_lock() {
-                    if let Err(e) = self.ring.submitter().submit() {
+                    let r = self.ring.submitter().submit();
+                    self.count(&r);
+                    if let Err(e) = r {
                         if !matches!(
                             e.raw_os_error(),
                             Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
@@ -471,6 +489,23 @@ pub(crate) mod uring {
             if self.inflight.load(Ordering::SeqCst) > 0 {
                 let _p = self.park.lock();
                 self.wake.notify_one();
+            }
+        }
+
+        fn count(&self, r: &io::Result<usize>) {
+            if let Ok(n) = r {
+                if *n > 0 {
+                    self.enters.fetch_add(1, Ordering::Relaxed);
+                    self.submitted.fetch_add(*n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+
+        /// Submission counters.
+        pub(crate) fn stats(&self) -> RingStats {
+            RingStats {
+                submit_calls: self.enters.load(Ordering::Relaxed),
+                submitted: self.submitted.load(Ordering::Relaxed),
             }
         }
 
@@ -548,7 +583,9 @@ pub(crate) mod uring {
                         self.wake.wait(&mut p);
                     }
                 }
-                if let Err(e) = self.ring.submitter().submit_and_wait(1) {
+                let r = self.ring.submitter().submit_and_wait(1);
+                self.count(&r);
+                if let Err(e) = r {
                     if !matches!(
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
