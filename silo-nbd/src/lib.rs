@@ -1,1 +1,51 @@
-//! silo-nbd: work in progress.
+//! # silo-nbd
+//!
+//! An NBD server (fixed-newstyle handshake, simple and structured replies,
+//! `base:allocation` block status) for any silo [`Provider`], over TCP or
+//! Unix sockets, plus attaching an export to a Linux `/dev/nbdN`.
+//!
+//! ```text
+//!  qemu / nbdcopy / nbdfuse / kernel nbd ──TCP, Unix, socketpair──┐
+//!                                                                  ▼
+//!   ┌──────────────────────────── silo-nbd ─────────────────────────────┐
+//!   │ server (tokio): accept, read buffer ─► sans-IO handshake          │
+//!   │   ─► sans-IO request decoder ─► validate ─► one task per request  │
+//!   │   ─► provider call ─► reply header + Bytes, vectored writes       │
+//!   │ kernel: netlink NBD_CMD_CONNECT with socketpairs (ioctl fallback) │
+//!   └────────────────────────────────┬──────────────────────────────────┘
+//!                                    ▼
+//!                  Arc<dyn Provider> (silo-storage stack)
+//! ```
+//!
+//! * [`handshake`] and [`transmission`] are sans-IO: bytes in, events and
+//!   bytes out; they are what the fuzz target and property tests drive.
+//! * [`Server`] serves several named [`Export`]s; many requests per
+//!   connection run concurrently (bounded) and are answered out of order,
+//!   so a slow read (e.g. a lazy fetch through a migration's waiting cache)
+//!   does not hold up others.
+//! * Transmission flags come from [`silo_storage::Capabilities`]
+//!   ([`transmission_flags`]); errors map to NBD errno values in one place
+//!   ([`errno`]).
+//! * [`kernel`] attaches an export to `/dev/nbdN`; its syscalls live in one
+//!   small module, the only place with `unsafe` code.
+//!
+//! [`Provider`]: silo_storage::Provider
+#![deny(unsafe_code)]
+
+pub mod errno;
+mod error;
+pub mod export;
+pub mod handshake;
+pub mod kernel;
+pub mod proto;
+mod server;
+pub mod tracked;
+pub mod transmission;
+
+pub use errno::Errno;
+pub use error::{Error, Result};
+pub use export::{
+    transmission_flags, Allocation, Export, ExportInfo, ExportMetrics, ExportStats, Extent,
+};
+pub use server::{Server, ServerConfig};
+pub use tracked::AllocationTracker;

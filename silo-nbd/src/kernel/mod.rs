@@ -1,0 +1,1 @@
+//! Attaching an export to a Linux `/dev/nbdN` (placeholder, being written).
