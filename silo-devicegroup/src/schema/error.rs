@@ -268,6 +268,14 @@ pub enum SchemaError {
         /// What is inconsistent.
         message: String,
     },
+    /// The schema could not be written in the requested format.
+    #[error("cannot encode schema as {format}: {message}")]
+    Encode {
+        /// `"TOML"` or `"JSON"`.
+        format: &'static str,
+        /// The serializer's message.
+        message: String,
+    },
     /// The configuration file could not be read.
     #[error("{path}: cannot read schema: {source}")]
     Io {
@@ -299,7 +307,7 @@ impl SchemaError {
             | MissingLocation { at, .. }
             | DuplicateDevice { at, .. }
             | SyncBlockSize { at, .. } => Some(at),
-            Io { .. } => None,
+            Io { .. } | Encode { .. } => None,
         }
     }
 

@@ -22,12 +22,9 @@ use super::{
     WriteCacheSchema, MAX_SOURCE_DEPTH,
 };
 
-/// Deepest bracket nesting accepted before the text reaches the HCL parser
-/// (a real configuration needs about a dozen levels). Protects the
-/// recursive-descent parser from stack exhaustion on hostile input.
+/// Deepest block nesting accepted before the text reaches the HCL parser
+/// (a real configuration needs about a dozen levels).
 const MAX_NESTING: usize = 32;
-/// Longest run of prefix operators accepted (same reason).
-const MAX_OPERATOR_RUN: usize = 32;
 
 /// Positions of every attribute and block seen, keyed by device index and
 /// field path.
@@ -49,35 +46,144 @@ impl Locate for Positions {
     }
 }
 
-/// Refuses text that is too long or nested too deeply for a schema.
+/// Refuses text that is too long, nested too deeply, or uses anything but
+/// the literal subset of HCL a schema needs: blocks, labels, attributes and
+/// literal values (strings without interpolation, numbers, bools, bare
+/// identifiers), plus comments.
+///
+/// `hcl-edit` parses expressions by recursive descent, so a hostile
+/// `a = 1+1+1+…` exhausts the stack and aborts the process; this lexical
+/// allow-list runs first so such text never reaches it.
 fn precheck(text: &str, origin: &str) -> Result<(), SchemaError> {
     check_len(text, origin)?;
+    let b = text.as_bytes();
+    let fail = |i: usize, reason: String| {
+        Err(SchemaError::Syntax {
+            at: validate::offset_location(text, origin, i),
+            message: reason,
+        })
+    };
     let mut depth = 0usize;
-    let mut run = 0usize;
-    for (i, b) in text.bytes().enumerate() {
-        match b {
-            b'{' | b'[' | b'(' => depth += 1,
-            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
-            _ => {}
+    let mut i = 0;
+    let mut after_equals = false;
+    while i < b.len() {
+        let c = b[i];
+        let value_start = after_equals;
+        if !c.is_ascii_whitespace() {
+            after_equals = c == b'=';
         }
-        if matches!(b, b'!' | b'-') {
-            run += 1;
-        } else if !b.is_ascii_whitespace() {
-            run = 0;
-        }
-        if depth > MAX_NESTING || run > MAX_OPERATOR_RUN {
-            let at = validate::offset_location(text, origin, i);
-            return Err(SchemaError::TooComplex {
-                at,
-                reason: if depth > MAX_NESTING {
-                    format!("brackets nested more than {MAX_NESTING} deep")
+        match c {
+            b' ' | b'\t' | b'\r' | b'\n' | b'=' => i += 1,
+            b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(SchemaError::TooComplex {
+                        at: validate::offset_location(text, origin, i),
+                        reason: format!("blocks nested more than {MAX_NESTING} deep"),
+                    });
+                }
+                i += 1;
+            }
+            b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'#' => i = skip_line(b, i),
+            b'/' if b.get(i + 1) == Some(&b'/') => i = skip_line(b, i),
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = match text[i + 2..].find("*/") {
+                    Some(off) => i + 2 + off + 2,
+                    None => b.len(),
+                }
+            }
+            b'"' => {
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None | Some(b'\n') => break,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(b'\\') => i += 2,
+                        Some(&m @ (b'$' | b'%')) => {
+                            if b.get(i + 1) == Some(&m) && b.get(i + 2) == Some(&b'{') {
+                                i += 3; // `$${` / `%%{`: a literal `${` / `%{`
+                            } else if b.get(i + 1) == Some(&b'{') {
+                                return fail(
+                                    i,
+                                    "template interpolation is not supported in a schema \
+                                     (write `$${` for a literal `${`)"
+                                        .into(),
+                                );
+                            } else {
+                                i += 1;
+                            }
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            // A sign only directly after `=`: `1-1-1…` would be an expression.
+            b'-' if value_start && b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                i = skip_number(b, i + 1)
+            }
+            b'0'..=b'9' => i = skip_number(b, i),
+            _ => {
+                let ch = text[i..].chars().next().unwrap_or('?');
+                if ch.is_alphabetic() || ch == '_' {
+                    i += ch.len_utf8();
+                    while let Some(ch) = text[i..].chars().next() {
+                        if ch.is_alphanumeric() || ch == '_' || ch == '-' {
+                            i += ch.len_utf8();
+                        } else {
+                            break;
+                        }
+                    }
                 } else {
-                    format!("more than {MAX_OPERATOR_RUN} operators in a row")
-                },
-            });
+                    return fail(
+                        i,
+                        format!(
+                            "unexpected `{ch}`: a schema holds only blocks and literal values \
+                             (strings, numbers, true/false), no expressions"
+                        ),
+                    );
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Skips `digits[.digits][(e|E)[+|-]digits]` starting at `i`.
+fn skip_number(b: &[u8], mut i: usize) -> usize {
+    let digits = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    i = digits(i);
+    if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+        i = digits(i + 1);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let mut j = i + 1;
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        if b.get(j).is_some_and(u8::is_ascii_digit) {
+            i = digits(j);
+        }
+    }
+    i
+}
+
+fn skip_line(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && b[i] != b'\n' {
+        i += 1;
+    }
+    i
 }
 
 /// Parses HCL into a schema and the positions of its fields (not yet validated).
@@ -86,9 +192,12 @@ pub(crate) fn parse_schema(
     origin: &str,
 ) -> Result<(SiloSchema, Positions), SchemaError> {
     precheck(text, origin)?;
-    let body = hcl::edit::parser::parse_body(text).map_err(|e| SchemaError::Syntax {
-        at: Location::at(origin, e.location().line(), e.location().column()),
-        message: e.message().to_string(),
+    let body = hcl::edit::parser::parse_body(text).map_err(|e| {
+        let line: String = e.line().trim().chars().take(120).collect();
+        SchemaError::Syntax {
+            at: Location::at(origin, e.location().line(), e.location().column()),
+            message: format!("{} in `{line}`", e.message()),
+        }
     })?;
     let mut r = Reader {
         text,

@@ -254,12 +254,12 @@ pub struct SyncConfigSchema {
     pub max_age: Duration,
     /// `minchanged`: upload a block as soon as this many of its sub-blocks are dirty.
     #[serde(rename = "minchanged")]
-    pub min_changed: u64,
+    pub min_changed: u32,
     /// `checkperiod`: how often to look for dirty blocks.
     #[serde(rename = "checkperiod", with = "serde_impl::duration")]
     pub check_period: Duration,
     /// `limit`: at most this many blocks per check.
-    pub limit: u64,
+    pub limit: u32,
     /// `concurrency`: parallel uploads.
     pub concurrency: u32,
 }
@@ -559,16 +559,20 @@ impl SiloSchema {
             .join("\n")
     }
 
-    /// The whole configuration as TOML.
-    pub fn to_toml(&self) -> String {
-        // Serialising these plain structs cannot fail except for non-UTF-8
-        // paths, which are written lossily.
-        toml::to_string(&self.lossy()).unwrap_or_default()
+    /// The whole configuration as TOML. Non-UTF-8 paths are written lossily.
+    pub fn to_toml(&self) -> Result<String, SchemaError> {
+        toml::to_string(&self.lossy()).map_err(|e| SchemaError::Encode {
+            format: "TOML",
+            message: e.to_string(),
+        })
     }
 
-    /// The whole configuration as pretty JSON.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(&self.lossy()).unwrap_or_default()
+    /// The whole configuration as pretty JSON. Non-UTF-8 paths are written lossily.
+    pub fn to_json(&self) -> Result<String, SchemaError> {
+        serde_json::to_string_pretty(&self.lossy()).map_err(|e| SchemaError::Encode {
+            format: "JSON",
+            message: e.to_string(),
+        })
     }
 
     fn lossy(&self) -> SiloSchema {
