@@ -1,1 +1,493 @@
-//! Dirty tracker, split into a local (writer) side and a remote (migrator) side (work in progress).
+//! Dirty tracking, split into a local side (the application writes through
+//! [`DirtyTrackerLocal`]) and a remote side (the migrator reads through
+//! [`DirtyTrackerRemote`]).
+//!
+//! ```text
+//!  application ──► DirtyTrackerLocal ──┐
+//!                                      ├──► inner provider
+//!  migrator    ──► DirtyTrackerRemote ─┘
+//! ```
+//!
+//! A block becomes *tracked* only once the remote side has read it (or
+//! [`DirtyTrackerRemote::track_at`] said so): before that the migrator has not
+//! copied it and will read fresh data anyway. A write to a tracked block marks
+//! it *dirty*. [`DirtyTrackerRemote::take_dirty`] snapshots and clears the
+//! dirty set and stops tracking the returned blocks until they are read
+//! again.
+//!
+//! # Why no write is lost
+//!
+//! * A remote read **sets the tracking bits first, then reads** the inner
+//!   provider.
+//! * A local write **writes the inner provider first, then tests the tracking
+//!   bits** and marks tracked blocks dirty (whether the write succeeded or
+//!   not: a failed write may have changed part of the block).
+//!
+//! Both steps use sequentially consistent atomics with a full fence between
+//! the data access and the bit access, so for a write `W` and a read `R` of
+//! the same block exactly one of these holds:
+//!
+//! 1. `W`'s test of the tracking bit comes after `R` set it → `W` marks the
+//!    block dirty (perhaps spuriously, if `R` saw `W`'s data anyway);
+//! 2. `W`'s test comes before `R` set the bit → `W`'s data was in the inner
+//!    provider before `R` started reading, so `R` sees it.
+//!
+//! A snapshot (`take_dirty`) clears the dirty and tracking bits of the blocks
+//! it returns; the caller re-reads each of them afterwards, and the same
+//! argument applies to that re-read. A write racing the snapshot either lands
+//! in this snapshot, or in the next one, or completed before the re-read —
+//! it never slips through. (`tests::write_racing_read_is_never_lost` hammers
+//! exactly this interleaving.)
+
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use crate::bitfield::Bitfield;
+use crate::block::BlockLayout;
+use crate::error::Result;
+use crate::provider::{Capabilities, DynProvider, Provider};
+
+/// Something the migrator can take the dirty set from.
+pub trait DirtySource: Send + Sync {
+    /// Snapshots and clears the dirty set; returns the dirty blocks
+    /// ascending. Each returned block must be re-read by the caller.
+    fn take_dirty(&self) -> Vec<u64>;
+}
+
+/// Counters of a dirty tracker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirtyMetrics {
+    /// Blocks currently tracked.
+    pub tracked_blocks: u64,
+    /// Blocks currently dirty.
+    pub dirty_blocks: u64,
+    /// Local writes (including trims and zero writes) seen.
+    pub local_writes: u64,
+    /// Local writes that marked at least one block dirty.
+    pub local_writes_dirtying: u64,
+    /// Remote reads seen.
+    pub remote_reads: u64,
+    /// Snapshots taken (`take_dirty` and `dirty_blocks`).
+    pub snapshots: u64,
+}
+
+/// Selection rules for [`DirtyTrackerRemote::dirty_blocks`] (used by the
+/// syncer to upload blocks that have settled, or changed a lot, first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtySelect {
+    /// Blocks whose last write is at least this old come first.
+    pub max_age: Duration,
+    /// At most this many blocks are returned.
+    pub limit: usize,
+    /// Younger blocks are returned only if written at least this many
+    /// times since they became dirty (0: every dirty block qualifies).
+    pub min_changed: u32,
+}
+
+/// State shared by both sides.
+struct Shared {
+    inner: DynProvider,
+    layout: BlockLayout,
+    tracking: Bitfield,
+    dirty: Bitfield,
+    /// Nanoseconds since `epoch` of the last write while tracked (+1, so 0
+    /// means never).
+    last_write: Box<[AtomicU64]>,
+    /// Writes to the block since it last became clean.
+    changes: Box<[AtomicU32]>,
+    epoch: Instant,
+    local_writes: AtomicU64,
+    local_writes_dirtying: AtomicU64,
+    remote_reads: AtomicU64,
+    snapshots: AtomicU64,
+}
+
+impl Shared {
+    fn after_write(&self, offset: u64, len: u64) {
+        self.local_writes.fetch_add(1, Ordering::Relaxed);
+        // Order the data write before the tracking test (see module docs).
+        fence(Ordering::SeqCst);
+        let mut now = None;
+        let mut any = false;
+        for b in self.layout.blocks_touching(offset, len) {
+            if self.tracking.test(b) {
+                let t = *now.get_or_insert_with(|| self.epoch.elapsed().as_nanos() as u64 + 1);
+                self.last_write[b as usize].store(t, Ordering::Relaxed);
+                self.changes[b as usize].fetch_add(1, Ordering::Relaxed);
+                self.dirty.set(b);
+                any = true;
+            }
+        }
+        if any {
+            self.local_writes_dirtying.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let len = data.len() as u64;
+        let r = self.inner.write_at(offset, data).await;
+        self.after_mutation(&r, offset, len);
+        r
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.inner.trim(offset, len).await;
+        self.after_mutation(&r, offset, len);
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.inner.write_zeroes(offset, len).await;
+        self.after_mutation(&r, offset, len);
+        r
+    }
+
+    /// Marks after any mutation that may have changed data (a failed write
+    /// may have changed part of the range; a rejected range changed nothing).
+    fn after_mutation(&self, r: &Result<()>, offset: u64, len: u64) {
+        if !matches!(r, Err(crate::Error::OutOfRange { .. })) {
+            self.after_write(offset, len);
+        }
+    }
+
+    fn forget(&self, b: u64) {
+        self.tracking.clear(b);
+        self.changes[b as usize].store(0, Ordering::Relaxed);
+        self.last_write[b as usize].store(0, Ordering::Relaxed);
+    }
+}
+
+/// The application side: a provider whose writes mark tracked blocks dirty.
+#[derive(Clone)]
+pub struct DirtyTrackerLocal {
+    s: Arc<Shared>,
+}
+
+/// The migrator side: a provider whose reads start tracking, plus the dirty
+/// set queries.
+#[derive(Clone)]
+pub struct DirtyTrackerRemote {
+    s: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DirtyTrackerLocal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyTrackerLocal")
+            .field("layout", &self.s.layout)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DirtyTrackerRemote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyTrackerRemote")
+            .field("layout", &self.s.layout)
+            .finish()
+    }
+}
+
+/// Builds the two sides of a dirty tracker over `inner`.
+pub fn dirty_tracker(
+    inner: DynProvider,
+    block_size: u64,
+) -> Result<(DirtyTrackerLocal, DirtyTrackerRemote)> {
+    let layout = BlockLayout::new(inner.size(), block_size)?;
+    let n = layout.num_blocks();
+    let s = Arc::new(Shared {
+        inner,
+        layout,
+        tracking: Bitfield::new(n),
+        dirty: Bitfield::new(n),
+        last_write: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        changes: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        epoch: Instant::now(),
+        local_writes: AtomicU64::new(0),
+        local_writes_dirtying: AtomicU64::new(0),
+        remote_reads: AtomicU64::new(0),
+        snapshots: AtomicU64::new(0),
+    });
+    Ok((DirtyTrackerLocal { s: s.clone() }, DirtyTrackerRemote { s }))
+}
+
+impl DirtyTrackerLocal {
+    /// The block layout.
+    pub fn layout(&self) -> BlockLayout {
+        self.s.layout
+    }
+}
+
+#[async_trait]
+impl Provider for DirtyTrackerLocal {
+    fn size(&self) -> u64 {
+        self.s.layout.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.s.inner.capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.s.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.s.write_at(offset, data).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.s.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.s.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.s.write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, offset: u64, len: u64) {
+        self.s.inner.cancel_writes(offset, len)
+    }
+    async fn close(&self) -> Result<()> {
+        self.s.inner.close().await
+    }
+}
+
+impl DirtyTrackerRemote {
+    /// The block layout.
+    pub fn layout(&self) -> BlockLayout {
+        self.s.layout
+    }
+
+    /// Starts tracking the blocks touched by `[offset, offset + len)` as if
+    /// they had been read (e.g. blocks the destination already has).
+    pub fn track_at(&self, offset: u64, len: u64) {
+        for b in self.s.layout.blocks_touching(offset, len) {
+            self.s.tracking.set(b);
+        }
+    }
+
+    /// Marks the blocks touched by `[offset, offset + len)` dirty (e.g. a
+    /// failed upload that must be redone).
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        for b in self.s.layout.blocks_touching(offset, len) {
+            self.s.dirty.set(b);
+        }
+    }
+
+    /// Marks one block dirty.
+    pub fn mark_block_dirty(&self, block: u64) {
+        self.s.dirty.set(block);
+    }
+
+    /// Whether `block` is dirty right now.
+    pub fn is_dirty(&self, block: u64) -> bool {
+        self.s.dirty.test(block)
+    }
+
+    /// Whether `block` is tracked right now.
+    pub fn is_tracked(&self, block: u64) -> bool {
+        self.s.tracking.test(block)
+    }
+
+    /// A copy of the tracking bits.
+    pub fn tracked_blocks(&self) -> Bitfield {
+        self.s.tracking.clone()
+    }
+
+    /// Number of dirty blocks right now (without clearing them).
+    pub fn dirty_count(&self) -> u64 {
+        self.s.dirty.count()
+    }
+
+    /// Snapshots and clears the dirty set (see [`DirtySource::take_dirty`]).
+    pub fn sync(&self) -> Vec<u64> {
+        self.take_dirty()
+    }
+
+    /// Selects and clears up to `sel.limit` dirty blocks: first those whose
+    /// last write is at least `sel.max_age` old (settled, oldest first), then
+    /// the others written at least `sel.min_changed` times (most changed
+    /// first). The rest stay dirty. Each returned block must be re-read.
+    pub fn dirty_blocks(&self, sel: DirtySelect) -> Vec<u64> {
+        self.s.snapshots.fetch_add(1, Ordering::Relaxed);
+        let now = self.s.epoch.elapsed().as_nanos() as u64 + 1;
+        let age_ns = sel.max_age.as_nanos() as u64;
+        let mut settled = Vec::new();
+        let mut busy = Vec::new();
+        for b in self.s.dirty.iter_set() {
+            let t = self.s.last_write[b as usize].load(Ordering::Relaxed);
+            let c = self.s.changes[b as usize].load(Ordering::Relaxed);
+            // t == 0: marked dirty without a tracked write (mark_dirty).
+            if t == 0 || now.saturating_sub(t) >= age_ns {
+                settled.push((t, b));
+            } else if c >= sel.min_changed {
+                busy.push((c, b));
+            }
+        }
+        settled.sort_unstable();
+        busy.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut out = Vec::with_capacity(sel.limit.min(settled.len() + busy.len()));
+        for b in settled
+            .into_iter()
+            .map(|x| x.1)
+            .chain(busy.into_iter().map(|x| x.1))
+        {
+            if out.len() >= sel.limit {
+                break;
+            }
+            if self.s.dirty.clear_if_set(b) {
+                self.s.forget(b);
+                out.push(b);
+            }
+        }
+        out
+    }
+
+    /// Current counters.
+    pub fn metrics(&self) -> DirtyMetrics {
+        DirtyMetrics {
+            tracked_blocks: self.s.tracking.count(),
+            dirty_blocks: self.s.dirty.count(),
+            local_writes: self.s.local_writes.load(Ordering::Relaxed),
+            local_writes_dirtying: self.s.local_writes_dirtying.load(Ordering::Relaxed),
+            remote_reads: self.s.remote_reads.load(Ordering::Relaxed),
+            snapshots: self.s.snapshots.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl DirtySource for DirtyTrackerRemote {
+    fn take_dirty(&self) -> Vec<u64> {
+        self.s.snapshots.fetch_add(1, Ordering::Relaxed);
+        let snap = self.s.dirty.take();
+        let blocks = snap.collect();
+        for &b in &blocks {
+            self.s.forget(b);
+        }
+        blocks
+    }
+}
+
+#[async_trait]
+impl Provider for DirtyTrackerRemote {
+    fn size(&self) -> u64 {
+        self.s.layout.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.s.inner.capabilities()
+    }
+    /// Starts tracking the touched blocks, then reads.
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        crate::error::check_range(
+            crate::Op::Read,
+            offset,
+            buf.len() as u64,
+            self.s.layout.size(),
+        )?;
+        self.s.remote_reads.fetch_add(1, Ordering::Relaxed);
+        self.track_at(offset, buf.len() as u64);
+        // Order the tracking bits before the data read (see module docs).
+        fence(Ordering::SeqCst);
+        self.s.inner.read_at(offset, buf).await
+    }
+    /// Writes through the remote side are treated like local writes.
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.s.write_at(offset, data).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.s.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.s.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.s.write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, offset: u64, len: u64) {
+        self.s.inner.cancel_writes(offset, len)
+    }
+    async fn close(&self) -> Result<()> {
+        self.s.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::ProviderExt;
+    use crate::sources::MemoryStorage;
+
+    #[tokio::test]
+    async fn track_after_read() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(2 * 1024 * 1024));
+        let (local, remote) = dirty_tracker(mem, 65536).unwrap();
+        // Read 1,234,567 bytes at 10 → blocks 0..=18 tracked.
+        remote.read_bytes(10, 1_234_567).await.unwrap();
+        for off in [0u64, 600_000, 700_000] {
+            local.write_slice(off, &[1u8; 9000]).await.unwrap();
+        }
+        // Beyond the read range: not tracked.
+        local.write_slice(1_900_000, &[1u8; 10]).await.unwrap();
+        assert_eq!(remote.take_dirty(), vec![0, 9, 10]);
+        assert!(remote.take_dirty().is_empty());
+        // Snapshotted blocks are no longer tracked until re-read.
+        local.write_slice(0, &[2u8; 10]).await.unwrap();
+        assert!(remote.take_dirty().is_empty());
+        assert!(remote.is_tracked(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn selective_dirty_blocks() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(16 * 4096));
+        let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.track_at(0, 16 * 4096);
+        local.write_slice(0, &[1u8; 4096]).await.unwrap();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        for _ in 0..3 {
+            local.write_slice(5 * 4096, &[1u8; 10]).await.unwrap();
+        }
+        local.write_slice(7 * 4096, &[1u8; 10]).await.unwrap();
+        let sel = DirtySelect {
+            max_age: Duration::from_millis(100),
+            limit: 10,
+            min_changed: 2,
+        };
+        // 0 has settled; 5 changed 3 times; 7 only once → stays dirty.
+        assert_eq!(remote.dirty_blocks(sel), vec![0, 5]);
+        assert!(remote.is_dirty(7));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(remote.dirty_blocks(sel), vec![7]);
+        assert_eq!(remote.dirty_count(), 0);
+    }
+
+    /// A writer and a migrator-like reader hammer the same block; after a
+    /// final quiet round the last read must equal the last written value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn write_racing_read_is_never_lost() {
+        for round in 0..200u32 {
+            let mem: DynProvider = Arc::new(MemoryStorage::new(4096));
+            let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+            let l2 = local.clone();
+            let writer = tokio::spawn(async move {
+                for v in 1..=20u8 {
+                    l2.write_slice(0, &[v; 4096]).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            // Migrator: read, then keep re-reading while dirty.
+            let mut seen = remote.read_bytes(0, 4096).await.unwrap()[0];
+            loop {
+                let done = writer.is_finished();
+                if !remote.take_dirty().is_empty() {
+                    seen = remote.read_bytes(0, 4096).await.unwrap()[0];
+                } else if done {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            writer.await.unwrap();
+            assert_eq!(seen, 20, "round {round}: final write was lost");
+        }
+    }
+}

@@ -1,1 +1,327 @@
-//! Volatility monitor: per-block write counts in a sliding window; a block order returning the least volatile block first (work in progress).
+//! Volatility monitor: counts writes per block in a sliding time window and
+//! hands out the *least volatile* pending block first, so that a migration's
+//! bulk pass does not waste bandwidth on blocks that are about to change
+//! again.
+//!
+//! [`VolatilityMonitor`] is both a [`Provider`] (the application writes
+//! through it; every write is counted) and a [`BlockOrder`].
+//!
+//! # Cost
+//!
+//! Go silo scans every block on each `GetNext` (O(N) per call, O(N²) per
+//! pass). Here:
+//!
+//! * the window is divided into [`SLOTS`] time slots; each slot keeps a map
+//!   of the blocks written during it. When a slot leaves the window its
+//!   counts are subtracted again, so memory is bounded by `SLOTS ×` (blocks
+//!   written) and counts are exact to one slot (`window / SLOTS`);
+//! * pending blocks with no write in the window sit in a bitfield (popped in
+//!   amortised O(1), lowest index first); pending blocks with writes sit in
+//!   an ordered set keyed by `(count, block)` (O(log N) per change).
+//!
+//! So `next()` and each recorded write cost O(log N), whatever the device
+//! size; the `engine` benchmark measures `next()` at 1 M blocks.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::bitfield::Bitfield;
+use crate::block::BlockLayout;
+use crate::error::{Error, Result};
+use crate::order::{BlockInfo, BlockKind, BlockOrder};
+use crate::provider::{Capabilities, DynProvider, Provider};
+
+/// Number of time slots the window is divided into.
+pub const SLOTS: u64 = 8;
+
+struct State {
+    /// Writes per block within the window.
+    counts: Vec<u32>,
+    /// (slot index, writes per block during that slot), oldest first.
+    slots: VecDeque<(u64, HashMap<u64, u32>)>,
+    /// Pending blocks with a non-zero count.
+    busy: BTreeSet<(u32, u64)>,
+    /// Writes within the window, device-wide.
+    window_total: u64,
+}
+
+/// A provider that counts writes per block, and a block order returning the
+/// least volatile pending block first.
+pub struct VolatilityMonitor {
+    inner: DynProvider,
+    layout: BlockLayout,
+    slot_ns: u64,
+    epoch: Instant,
+    /// Blocks pending in the order.
+    pending: Bitfield,
+    /// Pending blocks with no write in the window.
+    calm: Bitfield,
+    state: Mutex<State>,
+    total_writes: AtomicU64,
+}
+
+impl std::fmt::Debug for VolatilityMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolatilityMonitor")
+            .field("layout", &self.layout)
+            .field("slot_ns", &self.slot_ns)
+            .finish()
+    }
+}
+
+impl VolatilityMonitor {
+    /// A monitor over `inner` counting writes within `window` per block of
+    /// `block_size` bytes. No block is pending until `add`/`add_all`.
+    pub fn new(inner: DynProvider, block_size: u64, window: Duration) -> Result<Self> {
+        let layout = BlockLayout::new(inner.size(), block_size)?;
+        if window.is_zero() {
+            return Err(Error::Invalid("volatility window must be non-zero".into()));
+        }
+        let n = layout.num_blocks();
+        Ok(VolatilityMonitor {
+            inner,
+            layout,
+            slot_ns: (window.as_nanos() as u64 / SLOTS).max(1),
+            epoch: Instant::now(),
+            pending: Bitfield::new(n),
+            calm: Bitfield::new(n),
+            state: Mutex::new(State {
+                counts: vec![0; n as usize],
+                slots: VecDeque::new(),
+                busy: BTreeSet::new(),
+                window_total: 0,
+            }),
+            total_writes: AtomicU64::new(0),
+        })
+    }
+
+    /// The block layout.
+    pub fn layout(&self) -> BlockLayout {
+        self.layout
+    }
+
+    fn slot_now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 / self.slot_ns
+    }
+
+    /// Drops slots that left the window and re-buckets their blocks.
+    fn advance(&self, st: &mut State, now: u64) {
+        while let Some(&(idx, _)) = st.slots.front() {
+            if idx + SLOTS > now {
+                break;
+            }
+            let (_, map) = st.slots.pop_front().expect("front exists");
+            for (b, c) in map {
+                let old = st.counts[b as usize];
+                let new = old.saturating_sub(c);
+                st.counts[b as usize] = new;
+                st.window_total = st.window_total.saturating_sub(u64::from(c));
+                if self.pending.test(b) {
+                    st.busy.remove(&(old, b));
+                    if new == 0 {
+                        self.calm.set(b);
+                    } else {
+                        st.busy.insert((new, b));
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, offset: u64, len: u64) {
+        let blocks = self.layout.blocks_touching(offset, len);
+        if blocks.is_empty() {
+            return;
+        }
+        self.total_writes.fetch_add(1, Ordering::Relaxed);
+        let now = self.slot_now();
+        let mut st = self.state.lock();
+        self.advance(&mut st, now);
+        if st.slots.back().map(|s| s.0) != Some(now) {
+            st.slots.push_back((now, HashMap::new()));
+        }
+        for b in blocks {
+            *st.slots
+                .back_mut()
+                .expect("just pushed")
+                .1
+                .entry(b)
+                .or_insert(0) += 1;
+            let old = st.counts[b as usize];
+            let new = old.saturating_add(1);
+            st.counts[b as usize] = new;
+            st.window_total += 1;
+            if self.pending.test(b) {
+                if old == 0 {
+                    self.calm.clear(b);
+                } else {
+                    st.busy.remove(&(old, b));
+                }
+                st.busy.insert((new, b));
+            }
+        }
+    }
+
+    /// Writes to `block` within the window.
+    pub fn volatility(&self, block: u64) -> u32 {
+        let mut st = self.state.lock();
+        self.advance(&mut st, self.slot_now());
+        st.counts.get(block as usize).copied().unwrap_or(0)
+    }
+
+    /// Block-writes within the window, device-wide.
+    pub fn total_volatility(&self) -> u64 {
+        let mut st = self.state.lock();
+        self.advance(&mut st, self.slot_now());
+        st.window_total
+    }
+
+    /// Writes seen since creation.
+    pub fn total_writes(&self) -> u64 {
+        self.total_writes.load(Ordering::Relaxed)
+    }
+}
+
+impl BlockOrder for VolatilityMonitor {
+    fn num_blocks(&self) -> u64 {
+        self.layout.num_blocks()
+    }
+    fn add(&self, block: u64) {
+        if block >= self.layout.num_blocks() {
+            return;
+        }
+        let mut st = self.state.lock();
+        if self.pending.set_if_clear(block) {
+            let c = st.counts[block as usize];
+            if c == 0 {
+                self.calm.set(block);
+            } else {
+                st.busy.insert((c, block));
+            }
+        }
+    }
+    fn add_all(&self) {
+        let mut st = self.state.lock();
+        for b in 0..self.layout.num_blocks() {
+            if self.pending.set_if_clear(b) {
+                let c = st.counts[b as usize];
+                if c == 0 {
+                    self.calm.set(b);
+                } else {
+                    st.busy.insert((c, b));
+                }
+            }
+        }
+    }
+    fn remove(&self, block: u64) -> bool {
+        let mut st = self.state.lock();
+        if self.pending.clear_if_set(block) {
+            self.calm.clear(block);
+            let c = st.counts[block as usize];
+            st.busy.remove(&(c, block));
+            true
+        } else {
+            false
+        }
+    }
+    fn contains(&self, block: u64) -> bool {
+        self.pending.test(block)
+    }
+    fn pending(&self) -> u64 {
+        self.pending.count()
+    }
+    fn next(&self) -> Option<BlockInfo> {
+        let mut st = self.state.lock();
+        self.advance(&mut st, self.slot_now());
+        let block = match self.calm.collect_first_and_clear() {
+            Some(b) => b,
+            None => st.busy.pop_first()?.1,
+        };
+        self.pending.clear(block);
+        Some(BlockInfo {
+            block,
+            kind: BlockKind::Standard,
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for VolatilityMonitor {
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let len = data.len() as u64;
+        self.inner.write_at(offset, data).await?;
+        self.record(offset, len);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.trim(offset, len).await?;
+        self.record(offset, len);
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len).await?;
+        self.record(offset, len);
+        Ok(())
+    }
+    fn cancel_writes(&self, offset: u64, len: u64) {
+        self.inner.cancel_writes(offset, len)
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::ProviderExt;
+    use crate::sources::MemoryStorage;
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn least_volatile_first_and_expiry() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(8 * 4096));
+        let v = VolatilityMonitor::new(mem, 4096, Duration::from_millis(80)).unwrap();
+        v.add_all();
+        // block 0: 3 writes, block 1: 1 write, block 2: 1 write (an 8 KiB
+        // write touching 2 and 3), block 3: 2 writes.
+        for _ in 0..3 {
+            v.write_slice(0, &[1; 10]).await.unwrap();
+        }
+        v.write_slice(4096, &[1; 10]).await.unwrap();
+        v.write_slice(2 * 4096, &[1; 8192]).await.unwrap();
+        v.write_slice(3 * 4096, &[1; 10]).await.unwrap();
+        assert_eq!(v.volatility(0), 3);
+        assert_eq!(v.volatility(3), 2);
+        assert_eq!(v.total_volatility(), 3 + 1 + 1 + 2);
+        let order: Vec<u64> = std::iter::from_fn(|| v.next()).map(|i| i.block).collect();
+        assert_eq!(order, vec![4, 5, 6, 7, 1, 2, 3, 0]);
+        // After the window, counts expire.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(v.volatility(0), 0);
+        assert_eq!(v.total_volatility(), 0);
+        v.add_all();
+        assert_eq!(v.next().unwrap().block, 0);
+        assert!(v.remove(5));
+        assert!(!v.remove(5));
+        assert_eq!(v.pending(), 6);
+    }
+}
