@@ -23,3 +23,8 @@ pub use schema::{
     decode_device_hcl, encode_device_hcl, DeviceSchema, Format, MigrationSchema, SchemaError,
     SiloSchema, SyncConfigSchema, SyncSchema, System, WriteCacheSchema,
 };
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

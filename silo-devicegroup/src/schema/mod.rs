@@ -17,7 +17,28 @@
 //!
 //! Unknown attributes and blocks are **errors** (as in Go silo, whose HCL
 //! decoder rejects unexpected arguments): a misspelt `blocksize` must not
-//! silently fall back to the default.
+//! silently fall back to the default. Values must be literals (strings,
+//! numbers, bools); expressions and `${…}` interpolation are refused by a
+//! lexical pre-check before the HCL parser runs, because `hcl-edit` parses
+//! expressions recursively and a hostile `1+1+1+…` would exhaust the stack.
+//!
+//! ```
+//! use silo_devicegroup::schema::{decode_device_hcl, encode_device_hcl, SiloSchema, System};
+//!
+//! let conf = "device disk0 {\n  system = \"sparsefile\"\n  size = \"4g\"\n  location = \"d.img\"\n}\n";
+//! let schema = SiloSchema::parse_hcl(conf, "silo.conf")?;
+//! let dev = &schema.devices[0];
+//! assert_eq!(dev.system, System::SparseFile);
+//! assert_eq!(dev.size_bytes(), 4 << 30);
+//! assert_eq!(dev.block_size_bytes(), 1 << 20); // the default
+//! assert_eq!(&decode_device_hcl(&encode_device_hcl(dev), "<peer>")?, dev);
+//!
+//! let err = SiloSchema::parse_hcl("device d {\n  system = \"tape\"\n  size = \"1g\"\n}\n", "bad.conf")
+//!     .unwrap_err();
+//! assert_eq!(err.to_string(),
+//!     "bad.conf:2:3: device \"d\".system: unknown system \"tape\" (expected memory, file, sparsefile or s3)");
+//! # Ok::<(), silo_devicegroup::SchemaError>(())
+//! ```
 
 mod error;
 mod hcl;
