@@ -1,0 +1,213 @@
+//! Property tests: random sequences of reads, writes, flushes, trims and
+//! write-zeroes (aligned, unaligned, touching the last partial block, and
+//! out of range) through representative module stacks, compared with a
+//! plain `Vec<u8>` model after every operation.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use silo_storage::modules::{
+    BlockSplitter, CopyOnWrite, CowConfig, FilterRedundantWrites, Hooks, Lockable, Logger, Metrics,
+    Raid, Sharded, WriteCache, WriteCacheConfig, WriteCombinator,
+};
+use silo_storage::{DynProvider, ErrorKind, MemoryStorage, Provider};
+
+/// Not a multiple of any block size used below.
+const SIZE: u64 = 13_000;
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { offset: u64, len: usize, seed: u8 },
+    Read { offset: u64, len: usize },
+    Trim { offset: u64, len: u64 },
+    Zero { offset: u64, len: u64 },
+    Flush,
+}
+
+fn offset_len() -> impl Strategy<Value = (u64, usize)> {
+    prop_oneof![
+        // anywhere, including past the end
+        (0..SIZE + 600, 0usize..3000),
+        // block-aligned
+        ((0..SIZE / 1024), 1usize..4).prop_map(|(b, n)| (b * 1024, n * 1024)),
+        // the last partial block and just past it
+        (SIZE - 1500..SIZE + 10, 0usize..1600),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        5 => (offset_len(), any::<u8>()).prop_map(|((offset, len), seed)| Step::Write { offset, len, seed }),
+        4 => offset_len().prop_map(|(offset, len)| Step::Read { offset, len }),
+        1 => offset_len().prop_map(|(offset, len)| Step::Trim { offset, len: len as u64 }),
+        1 => offset_len().prop_map(|(offset, len)| Step::Zero { offset, len: len as u64 }),
+        1 => Just(Step::Flush),
+    ]
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn in_range(offset: u64, len: u64) -> bool {
+    offset.checked_add(len).is_some_and(|e| e <= SIZE)
+}
+
+async fn run(p: &dyn Provider, mut model: Vec<u8>, steps: &[Step]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(p.size(), SIZE);
+    for (i, s) in steps.iter().enumerate() {
+        match *s {
+            Step::Write { offset, len, seed } => {
+                let data = pattern(len, seed);
+                let r = p.write_at(offset, Bytes::from(data.clone())).await;
+                if in_range(offset, len as u64) {
+                    prop_assert!(r.is_ok(), "step {}: {:?} failed: {:?}", i, s, r);
+                    model[offset as usize..offset as usize + len].copy_from_slice(&data);
+                } else {
+                    prop_assert_eq!(r.unwrap_err().kind(), ErrorKind::OutOfRange);
+                }
+            }
+            Step::Read { offset, len } => {
+                let r = p.read_at(offset, BytesMut::zeroed(len)).await;
+                if in_range(offset, len as u64) {
+                    let got = r.map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
+                    prop_assert!(
+                        got[..] == model[offset as usize..offset as usize + len],
+                        "step {}: read {:?} differs from the model",
+                        i,
+                        s
+                    );
+                } else {
+                    prop_assert_eq!(r.unwrap_err().kind(), ErrorKind::OutOfRange);
+                }
+            }
+            Step::Trim { offset, len } | Step::Zero { offset, len } => {
+                let r = if matches!(s, Step::Trim { .. }) {
+                    p.trim(offset, len).await
+                } else {
+                    p.write_zeroes(offset, len).await
+                };
+                if in_range(offset, len) {
+                    prop_assert!(r.is_ok(), "step {}: {:?} failed: {:?}", i, s, r);
+                    model[offset as usize..(offset + len) as usize].fill(0);
+                } else {
+                    prop_assert_eq!(r.unwrap_err().kind(), ErrorKind::OutOfRange);
+                }
+            }
+            Step::Flush => {
+                p.flush()
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("flush: {e}")))?;
+            }
+        }
+    }
+    // Whole device at the end.
+    let all = p
+        .read_at(0, BytesMut::zeroed(SIZE as usize))
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(all[..] == model[..], "final content differs from the model");
+    Ok(())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+fn mem() -> Arc<MemoryStorage> {
+    Arc::new(MemoryStorage::with_chunk_size(SIZE, 4096))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// metrics → lockable → block splitter (512) → copy-on-write (1024) over a
+    /// patterned memory base with a memory overlay.
+    #[test]
+    fn cow_stack_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        rt().block_on(async {
+            let base = mem();
+            let init = pattern(SIZE as usize, 7);
+            base.write_at(0, Bytes::from(init.clone())).await.unwrap();
+            let cow = CopyOnWrite::open(base.clone(), mem(), CowConfig::new(1024)).await.unwrap();
+            let split = BlockSplitter::new(cow, 512).unwrap();
+            let stack = Metrics::new(Lockable::new(split));
+            run(&stack, init.clone(), &steps).await?;
+            // The base is never written.
+            let b = base.read_at(0, BytesMut::zeroed(SIZE as usize)).await.unwrap();
+            prop_assert!(b[..] == init[..]);
+            let snap = stack.snapshot();
+            prop_assert_eq!(snap.read.in_flight + snap.write.in_flight, 0);
+            Ok(())
+        })?;
+    }
+
+    /// sharded memory (shards of 3000 bytes, not a power of two).
+    #[test]
+    fn sharded_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        rt().block_on(async {
+            let s = Sharded::new(SIZE, 3000, |_, n| Ok(MemoryStorage::new(n))).unwrap();
+            run(&s, vec![0; SIZE as usize], &steps).await
+        })?;
+    }
+
+    /// write cache with a tiny budget (constant eviction) over memory.
+    #[test]
+    fn write_cache_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        rt().block_on(async {
+            let inner = mem();
+            let c = WriteCache::new(inner.clone(), WriteCacheConfig {
+                block_size: 1024,
+                min_data: 1000,
+                max_data: 4000,
+                flush_period: None,
+            }).unwrap();
+            run(&c, vec![0; SIZE as usize], &steps).await?;
+            // After close everything is in the inner provider.
+            let model = c.read_at(0, BytesMut::zeroed(SIZE as usize)).await.unwrap();
+            c.close().await.unwrap();
+            let below = inner.read_at(0, BytesMut::zeroed(SIZE as usize)).await.unwrap();
+            prop_assert!(below[..] == model[..]);
+            Ok(())
+        })?;
+    }
+
+    /// filter-redundant-writes whose reference is the device itself, with
+    /// allowance 0 and 3: the result must equal plain writes.
+    #[test]
+    fn filter_redundant_writes_matches_model(
+        steps in proptest::collection::vec(step(), 1..40),
+        allowance in prop_oneof![Just(0usize), Just(3usize)],
+    ) {
+        rt().block_on(async {
+            let inner = mem();
+            let init = pattern(SIZE as usize, 3);
+            inner.write_at(0, Bytes::from(init.clone())).await.unwrap();
+            let f = FilterRedundantWrites::new(inner.clone(), inner.clone(), allowance).unwrap();
+            run(&f, init, &steps).await?;
+            let st = f.stats();
+            prop_assert!(st.bytes_written <= st.bytes_in);
+            Ok(())
+        })?;
+    }
+
+    /// logger → hooks → raid of two memories, through a single
+    /// write-combinator input on one side.
+    #[test]
+    fn passthrough_stack_matches_model(steps in proptest::collection::vec(step(), 1..30)) {
+        rt().block_on(async {
+            let comb = WriteCombinator::new(mem() as DynProvider, 512).unwrap();
+            let input: DynProvider = Arc::new(comb.add_input(1));
+            let raid = Raid::new(vec![input, mem() as DynProvider]).unwrap();
+            let stack = Logger::new(Hooks::new(raid), "model");
+            stack.set_enabled(false);
+            run(&stack, vec![0; SIZE as usize], &steps).await
+        })?;
+    }
+}
