@@ -6,8 +6,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::run;
-
 /// Debian packages the tests use, with a binary that proves each is installed.
 const APT: &[(&str, &str)] = &[
     ("qemu-utils", "qemu-img"),
@@ -49,25 +47,57 @@ pub fn run() -> Result<(), String> {
         .collect();
     if !missing.is_empty() {
         eprintln!("xtask: installing Debian packages {missing:?}");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        crate::run(Command::new("apt-get").arg("update").arg("-q"))?;
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
-    let s3 = tools_dir().join("bin").join("s3s-fs");
-    if !s3.exists() {
-        eprintln!("xtask: installing s3s-fs 0.14.1 (the local S3 server for tests)");
-        run(Command::new("cargo")
+    install_s3s_fs()?;
+    Ok(())
+}
+
+/// Version of the local S3 test server (`s3s-fs`; newer releases need a
+/// newer rustc than the project's).
+const S3S_FS_VERSION: &str = "0.14.1";
+
+/// Installs `s3s-fs` into `target/tools/bin` (the crate's `binary` feature
+/// builds the `s3s-fs` executable) unless the right version is already
+/// there. silo-s3's tests find it through `SILO_TOOLS`.
+fn install_s3s_fs() -> Result<(), String> {
+    let bin = tools_dir().join("bin").join("s3s-fs");
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = format!("s3s-fs {S3S_FS_VERSION}");
+    if installed.as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing s3s-fs {S3S_FS_VERSION} (the local S3 server for tests; about 2 minutes)"
+    );
+    crate::run(
+        Command::new("cargo")
             .args([
                 "install",
-                "s3s-fs@0.14.1",
+                &format!("s3s-fs@{S3S_FS_VERSION}"),
                 "--features",
                 "binary",
                 "--locked",
+                "--force",
                 "--root",
             ])
-            .arg(tools_dir()))?;
+            .arg(tools_dir())
+            // Build in cargo's own temporary directory, not a caller's target dir.
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
+    if !bin.exists() {
+        return Err(format!("cargo install did not produce {}", bin.display()));
     }
     Ok(())
 }
