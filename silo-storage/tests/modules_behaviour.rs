@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use silo_storage::modules::{
     create_binlog_from_device, ArtificialLatency, Binlog, BinlogOptions, BinlogReplay,
     BlockSplitter, CopyOnWrite, CowConfig, CowPersist, Hooks, LatencyConfig, Lockable, Logger,
-    Raid, ReplaySpeed, Sharded, WriteCache, WriteCacheConfig,
+    Metrics, Raid, ReplaySpeed, Sharded, WriteCache, WriteCacheConfig,
 };
 use silo_storage::sources::{Engine, FileStorage, SparseFile};
 use silo_storage::{DynProvider, Error, ErrorKind, MemoryStorage, Op, Provider, ProviderExt};
@@ -64,27 +64,27 @@ async fn lockable_blocks_writers_until_unlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_waits_for_in_flight_writes() {
     let mem = Arc::new(MemoryStorage::new(4096));
-    let slow = ArtificialLatency::new(
+    let slow = Metrics::new(ArtificialLatency::new(
         mem.clone(),
         LatencyConfig {
-            write: Duration::from_millis(200),
+            write: Duration::from_millis(150),
             ..LatencyConfig::default()
         },
-    );
+    ));
+    let counters = slow.metrics();
     let l = Arc::new(Lockable::new(slow));
     let w = tokio::spawn({
         let l = l.clone();
         async move { l.write_slice(0, &[7; 100]).await }
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let t = Instant::now();
+    // Wait until the write is inside the gate (in flight below it).
+    while counters.snapshot().write.in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     l.lock().await;
     // lock() returned: the in-flight write must have reached the memory.
-    assert!(
-        t.elapsed() >= Duration::from_millis(100),
-        "lock did not wait"
-    );
     assert_eq!(&mem.read_bytes(0, 100).await.unwrap()[..], &[7; 100][..]);
+    assert_eq!(counters.snapshot().write.ops, 1);
     w.await.unwrap().unwrap();
     l.unlock();
 }

@@ -2,37 +2,38 @@
 //! writes wait while locked) and [`ReadOnlyGate`](super::ReadOnlyGate) (only
 //! writes wait), chosen by a [`GateMode`] marker.
 //!
-//! State lives under a short synchronous mutex (never held across an
-//! `.await`); waiting uses [`tokio::sync::Notify`] with the "enable, then
-//! check, then await" pattern, inside a loop, so a wake-up can neither be lost
-//! nor let an operation through a gate that was locked again in between.
+//! The gate state is a single atomic word; waiting uses
+//! [`tokio::sync::Notify`] with the "enable, then check, then await" pattern
+//! inside a loop that re-checks the condition, so a wake-up can neither be
+//! lost nor let an operation through a gate that was locked again in between
+//! (the Go version checked with `if` once).
 
 use std::marker::PhantomData;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::LockControl;
 use crate::error::{Error, Op, Result};
 use crate::provider::{DynProvider, Provider};
 
-#[derive(Debug, Default)]
-struct State {
-    locked: bool,
-    closed: bool,
-    in_flight: usize,
-}
+const LOCKED: u64 = 1 << 63;
+const CLOSED: u64 = 1 << 62;
+const COUNT: u64 = CLOSED - 1;
 
-/// A gate that operations pass through while it is open.
+/// A gate that operations pass through while it is open. The state is one
+/// atomic word (locked bit, closed bit, in-flight count), so entering and
+/// leaving cost one atomic operation each when nobody waits.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    state: Mutex<State>,
+    state: AtomicU64,
     /// Notified on unlock and close.
     opened: Notify,
-    /// Notified when the last in-flight operation leaves, and on unlock.
+    /// Notified when the last in-flight operation leaves a locked or closed
+    /// gate, and on unlock.
     drained: Notify,
 }
 
@@ -44,11 +45,8 @@ pub(crate) struct Pass<'a> {
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let mut s = self.gate.state.lock();
-        s.in_flight -= 1;
-        let wake = s.in_flight == 0;
-        drop(s);
-        if wake {
+        let prev = self.gate.state.fetch_sub(1, Ordering::AcqRel);
+        if prev & COUNT == 1 && prev & (LOCKED | CLOSED) != 0 {
             self.gate.drained.notify_waiters();
         }
     }
@@ -57,57 +55,69 @@ impl Drop for Pass<'_> {
 impl Gate {
     /// Waits until the gate is open, then enters it.
     pub(crate) async fn enter(&self, op: Op) -> Result<Pass<'_>> {
+        let mut cur = self.state.load(Ordering::Acquire);
         loop {
-            let mut notified = pin!(self.opened.notified());
-            notified.as_mut().enable();
-            {
-                let mut s = self.state.lock();
-                if s.closed {
-                    return Err(Error::Closed { op });
-                }
-                if !s.locked {
-                    s.in_flight += 1;
-                    return Ok(Pass { gate: self });
+            if cur & CLOSED != 0 {
+                return Err(Error::Closed { op });
+            }
+            if cur & LOCKED == 0 {
+                match self.state.compare_exchange_weak(
+                    cur,
+                    cur + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Ok(Pass { gate: self }),
+                    Err(actual) => {
+                        cur = actual;
+                        continue;
+                    }
                 }
             }
-            notified.await;
+            // Locked: register for the wake-up first, then re-check, so an
+            // unlock between the check and the await is not missed.
+            let mut notified = pin!(self.opened.notified());
+            notified.as_mut().enable();
+            cur = self.state.load(Ordering::Acquire);
+            if cur & (LOCKED | CLOSED) == LOCKED {
+                notified.await;
+                cur = self.state.load(Ordering::Acquire);
+            }
         }
     }
 
-    /// Closes the gate and waits for new operations; returns once no gated
-    /// operation is in flight (or the gate was unlocked meanwhile).
+    /// Closes the gate to new operations; returns once no gated operation
+    /// is in flight (or the gate was unlocked meanwhile).
     pub(crate) async fn lock(&self) {
-        self.state.lock().locked = true;
+        self.state.fetch_or(LOCKED, Ordering::AcqRel);
         loop {
             let mut notified = pin!(self.drained.notified());
             notified.as_mut().enable();
-            {
-                let s = self.state.lock();
-                if s.in_flight == 0 || !s.locked {
-                    return;
-                }
+            let s = self.state.load(Ordering::Acquire);
+            if s & COUNT == 0 || s & LOCKED == 0 {
+                return;
             }
             notified.await;
         }
     }
 
     pub(crate) fn unlock(&self) {
-        self.state.lock().locked = false;
+        self.state.fetch_and(!LOCKED, Ordering::AcqRel);
         self.opened.notify_waiters();
         self.drained.notify_waiters();
     }
 
     pub(crate) fn is_locked(&self) -> bool {
-        self.state.lock().locked
+        self.state.load(Ordering::Acquire) & LOCKED != 0
     }
 
     /// Makes every waiting and later operation fail with `Closed`.
     pub(crate) fn close(&self) {
-        {
-            let mut s = self.state.lock();
-            s.closed = true;
-            s.locked = false;
-        }
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s | CLOSED) & !LOCKED)
+            });
         self.opened.notify_waiters();
         self.drained.notify_waiters();
     }
@@ -117,7 +127,7 @@ impl Gate {
         loop {
             let mut notified = pin!(self.drained.notified());
             notified.as_mut().enable();
-            if self.state.lock().in_flight == 0 {
+            if self.state.load(Ordering::Acquire) & COUNT == 0 {
                 return;
             }
             notified.await;
