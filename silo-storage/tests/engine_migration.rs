@@ -15,7 +15,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use silo_storage::dirty::{dirty_tracker, DirtySource};
 use silo_storage::migrator::{BlockEvent, Concurrency, LockHandler, Migrator, MigratorConfig};
+use silo_storage::modules::lockable::Lockable;
 use silo_storage::order::{AnyOrder, BlockKind, BlockOrder, PriorityOrder};
+use silo_storage::sources::{Engine, FileStorage};
 use silo_storage::syncer::{Syncer, SyncerConfig};
 use silo_storage::volatility::VolatilityMonitor;
 use silo_storage::waiting::{waiting_cache, WaitingConfig};
@@ -195,15 +197,59 @@ fn cfg() -> MigratorConfig {
 
 // ------------------------------------------- migration under random writers
 
-/// The full source stack of a device: app → gate → volatility → dirty
+/// Pauses the application's writes for the final round.
+#[async_trait]
+trait WriterLock: Send + Sync {
+    async fn close(&self);
+    fn open(&self);
+}
+
+#[async_trait]
+impl WriterLock for Gate {
+    async fn close(&self) {
+        self.close_gate().await
+    }
+    fn open(&self) {
+        self.open_gate()
+    }
+}
+
+#[async_trait]
+impl WriterLock for Lockable<DynProvider> {
+    async fn close(&self) {
+        self.lock().await
+    }
+    fn open(&self) {
+        self.unlock()
+    }
+}
+
+type MakeLock = fn(DynProvider) -> (DynProvider, Arc<dyn WriterLock>);
+
+fn test_gate(p: DynProvider) -> (DynProvider, Arc<dyn WriterLock>) {
+    let g = Gate::new(p);
+    (g.clone(), g)
+}
+
+fn real_lockable(p: DynProvider) -> (DynProvider, Arc<dyn WriterLock>) {
+    let l = Arc::new(Lockable::new(p));
+    (l.clone(), l)
+}
+
+/// The full source stack of a device: app → lock → volatility → dirty
 /// tracker → base; the migrator reads the tracker's remote side in
 /// priority-then-volatility order.
-async fn migrate_with_writers(base: DynProvider, dest: DynProvider, seed: u64) {
+async fn migrate_with_writers(
+    base: DynProvider,
+    dest: DynProvider,
+    seed: u64,
+    make_lock: MakeLock,
+) {
     random_fill(&*base, seed).await;
     let (local, remote) = dirty_tracker(base.clone(), BS).unwrap();
     let vol =
         Arc::new(VolatilityMonitor::new(Arc::new(local), BS, Duration::from_secs(60)).unwrap());
-    let gate = Gate::new(vol.clone());
+    let (gate, gate_ctl) = make_lock(vol.clone());
     let order = Arc::new(PriorityOrder::new(vol.clone()));
     order.add_all();
     let m = Migrator::new(Arc::new(remote.clone()), dest.clone(), order, cfg()).unwrap();
@@ -211,17 +257,17 @@ async fn migrate_with_writers(base: DynProvider, dest: DynProvider, seed: u64) {
     // The caller decides when to stop unlocking (the writer is paused for
     // cut-over); until then each snapshot briefly locks the writers.
     let hold = Arc::new(AtomicBool::new(false));
-    let (g1, g2, h2) = (gate.clone(), gate.clone(), hold.clone());
+    let (g1, g2, h2) = (gate_ctl.clone(), gate_ctl.clone(), hold.clone());
     let lock: LockHandler = Arc::new(move || {
         let g = g1.clone();
-        Box::pin(async move { g.close_gate().await })
+        Box::pin(async move { g.close().await })
     });
     let unlock: LockHandler = Arc::new(move || {
         let g = g2.clone();
         let hold = h2.load(Ordering::SeqCst);
         Box::pin(async move {
             if !hold {
-                g.open_gate()
+                g.open()
             }
         })
     });
@@ -282,7 +328,7 @@ async fn migrate_with_writers(base: DynProvider, dest: DynProvider, seed: u64) {
     assert_eq!(p.ready_blocks, p.total_blocks);
     stop.store(true, Ordering::SeqCst);
     m.unlock().await;
-    gate.open_gate();
+    gate_ctl.open();
     for w in writers {
         w.await.unwrap();
     }
@@ -293,7 +339,26 @@ async fn migration_under_random_writers_memory() {
     for seed in 1..=4 {
         let base: DynProvider = Arc::new(MemoryStorage::new(2 * 1024 * 1024));
         let dest: DynProvider = Arc::new(MemoryStorage::new(2 * 1024 * 1024));
-        migrate_with_writers(base, dest, seed).await;
+        migrate_with_writers(base, dest, seed, test_gate).await;
+    }
+}
+
+/// The same over real files (io_uring when available) with the modules'
+/// real `Lockable` pausing the writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migration_under_random_writers_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 11..=13 {
+        let size = 2 * 1024 * 1024 + 123;
+        let base: DynProvider = Arc::new(
+            FileStorage::create(dir.path().join(format!("src{seed}")), size, Engine::Auto).unwrap(),
+        );
+        let dest: DynProvider = Arc::new(
+            FileStorage::create(dir.path().join(format!("dst{seed}")), size, Engine::Auto).unwrap(),
+        );
+        migrate_with_writers(base.clone(), dest.clone(), seed, real_lockable).await;
+        base.close().await.unwrap();
+        dest.close().await.unwrap();
     }
 }
 
