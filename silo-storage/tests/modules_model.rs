@@ -56,7 +56,11 @@ fn in_range(offset: u64, len: u64) -> bool {
     offset.checked_add(len).is_some_and(|e| e <= SIZE)
 }
 
-async fn run(p: &dyn Provider, mut model: Vec<u8>, steps: &[Step]) -> Result<(), TestCaseError> {
+async fn run(
+    p: &dyn Provider,
+    mut model: Vec<u8>,
+    steps: &[Step],
+) -> Result<Vec<u8>, TestCaseError> {
     prop_assert_eq!(p.size(), SIZE);
     for (i, s) in steps.iter().enumerate() {
         match *s {
@@ -110,7 +114,7 @@ async fn run(p: &dyn Provider, mut model: Vec<u8>, steps: &[Step]) -> Result<(),
         .await
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert!(all[..] == model[..], "final content differs from the model");
-    Ok(())
+    Ok(model)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -153,13 +157,17 @@ proptest! {
     fn sharded_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
         rt().block_on(async {
             let s = Sharded::new(SIZE, 3000, |_, n| Ok(MemoryStorage::new(n))).unwrap();
-            run(&s, vec![0; SIZE as usize], &steps).await
+            run(&s, vec![0; SIZE as usize], &steps).await.map(|_| ())
         })?;
     }
 
-    /// write cache with a tiny budget (constant eviction) over memory.
+    /// write cache with a tiny budget (constant eviction) over memory; the
+    /// second half of the steps runs in write-through mode.
     #[test]
-    fn write_cache_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+    fn write_cache_matches_model(
+        steps in proptest::collection::vec(step(), 1..40),
+        more in proptest::collection::vec(step(), 0..20),
+    ) {
         rt().block_on(async {
             let inner = mem();
             let c = WriteCache::new(inner.clone(), WriteCacheConfig {
@@ -168,7 +176,10 @@ proptest! {
                 max_data: 4000,
                 flush_period: None,
             }).unwrap();
-            run(&c, vec![0; SIZE as usize], &steps).await?;
+            let model = run(&c, vec![0; SIZE as usize], &steps).await?;
+            c.set_write_through(true).await.unwrap();
+            prop_assert_eq!(c.cached_bytes(), 0);
+            run(&c, model, &more).await?;
             // After close everything is in the inner provider.
             let model = c.read_at(0, BytesMut::zeroed(SIZE as usize)).await.unwrap();
             c.close().await.unwrap();
@@ -207,7 +218,7 @@ proptest! {
             let raid = Raid::new(vec![input, mem() as DynProvider]).unwrap();
             let stack = Logger::new(Hooks::new(raid), "model");
             stack.set_enabled(false);
-            run(&stack, vec![0; SIZE as usize], &steps).await
+            run(&stack, vec![0; SIZE as usize], &steps).await.map(|_| ())
         })?;
     }
 }

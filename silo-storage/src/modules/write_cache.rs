@@ -23,8 +23,13 @@
 //!   `flush()` (a write that returns such an error has not been performed).
 //! * **Trim / write-zeroes** wait for any flush pass, apply the operation to
 //!   the inner provider, then drop the cached bytes of that range.
+//! * **Write-through mode** ([`WriteCache::set_write_through`]) writes
+//!   everything cached down and sends later writes straight below (the Go
+//!   cache disables itself the same way when CoW blocks are queried, so
+//!   the overlay sees every write during a migration).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -32,7 +37,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt};
 use parking_lot::Mutex;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::RwLock as AsyncRwLock;
 use tokio::task::JoinHandle;
 
 use super::util::pieces;
@@ -100,7 +105,10 @@ struct Shared<P> {
     layout: BlockLayout,
     cfg: WriteCacheConfig,
     state: Mutex<State>,
-    flush_lock: AsyncMutex<()>,
+    /// Exclusive for a flush pass and for switching modes; shared for
+    /// writes, trims and write-zeroes.
+    flush_lock: AsyncRwLock<()>,
+    write_through: AtomicBool,
 }
 
 /// A write-back cache in front of a provider.
@@ -222,7 +230,12 @@ impl<P: Provider> Shared<P> {
 
     /// One flush pass. Failed blocks go back into the cache.
     async fn pass(&self, select: Select) -> Result<()> {
-        let _g = self.flush_lock.lock().await;
+        let _g = self.flush_lock.write().await;
+        self.pass_locked(select).await
+    }
+
+    /// A flush pass; the caller holds the flush lock exclusively.
+    async fn pass_locked(&self, select: Select) -> Result<()> {
         let jobs: Vec<(u64, Vec<CachedPiece>)> = {
             let mut s = self.state.lock();
             let chosen: Vec<u64> = match select {
@@ -343,7 +356,8 @@ impl<P: Provider> WriteCache<P> {
             layout,
             cfg,
             state: Mutex::default(),
-            flush_lock: AsyncMutex::new(()),
+            flush_lock: AsyncRwLock::new(()),
+            write_through: AtomicBool::new(false),
         });
         let task = cfg
             .flush_period
@@ -368,6 +382,28 @@ impl<P: Provider> WriteCache<P> {
     /// The configuration.
     pub fn config(&self) -> WriteCacheConfig {
         self.shared.cfg
+    }
+
+    /// Switches write-through mode on (writes go straight to the inner
+    /// provider, and everything cached is written down before this returns)
+    /// or off (back to write-back). Use it before asking a lower layer which
+    /// blocks were written, e.g. [`CopyOnWrite::unrequired_blocks`](super::CopyOnWrite::unrequired_blocks)
+    /// when a migration starts. A flush error is returned; the mode is
+    /// switched anyway and the data stays cached for the next flush.
+    pub async fn set_write_through(&self, on: bool) -> Result<()> {
+        let s = &self.shared;
+        let _g = s.flush_lock.write().await;
+        s.write_through.store(on, Ordering::Release);
+        if on {
+            s.pass_locked(Select::All).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether write-through mode is on.
+    pub fn is_write_through(&self) -> bool {
+        self.shared.write_through.load(Ordering::Acquire)
     }
 }
 
@@ -418,10 +454,19 @@ impl<P: Provider> Provider for WriteCache<P> {
             let st = s.state.lock();
             st.bytes > 0 && st.bytes + data.len() as u64 > s.cfg.max_data
         };
-        if over {
+        if over && !s.write_through.load(Ordering::Acquire) {
             s.pass(Select::DownTo(s.cfg.min_data)).await?;
         }
-        s.insert(offset, &data);
+        let _g = s.flush_lock.read().await;
+        if s.write_through.load(Ordering::Acquire) {
+            // Write below first, then drop older cached bytes of the range:
+            // a concurrent read sees either the old or the new data.
+            let len = data.len() as u64;
+            s.inner.write_at(offset, data).await?;
+            s.clip(offset, offset + len);
+        } else {
+            s.insert(offset, &data);
+        }
         Ok(())
     }
 
@@ -443,7 +488,7 @@ impl<P: Provider> Provider for WriteCache<P> {
         let s = &self.shared;
         check_range(Op::Trim, offset, len, s.layout.size())?;
         s.check_open(Op::Trim)?;
-        let _g = s.flush_lock.lock().await;
+        let _g = s.flush_lock.read().await;
         s.inner.trim(offset, len).await?;
         s.clip(offset, offset + len);
         Ok(())
@@ -453,7 +498,7 @@ impl<P: Provider> Provider for WriteCache<P> {
         let s = &self.shared;
         check_range(Op::WriteZeroes, offset, len, s.layout.size())?;
         s.check_open(Op::WriteZeroes)?;
-        let _g = s.flush_lock.lock().await;
+        let _g = s.flush_lock.read().await;
         s.inner.write_zeroes(offset, len).await?;
         s.clip(offset, offset + len);
         Ok(())
@@ -541,6 +586,28 @@ mod tests {
             &c.inner().read_bytes(0, 700).await.unwrap()[..],
             &[5; 700][..]
         );
+    }
+
+    #[tokio::test]
+    async fn write_through_mode_flushes_and_bypasses() {
+        let c = WriteCache::new(Arc::new(MemoryStorage::new(4096)), cfg(0, 1 << 20)).unwrap();
+        c.write_slice(0, &[1; 1000]).await.unwrap();
+        c.set_write_through(true).await.unwrap();
+        assert!(c.is_write_through());
+        assert_eq!(c.cached_bytes(), 0);
+        assert_eq!(
+            &c.inner().read_bytes(0, 1000).await.unwrap()[..],
+            &[1; 1000][..]
+        );
+        c.write_slice(500, &[2; 10]).await.unwrap();
+        assert_eq!(c.cached_bytes(), 0);
+        assert_eq!(
+            &c.inner().read_bytes(500, 10).await.unwrap()[..],
+            &[2; 10][..]
+        );
+        c.set_write_through(false).await.unwrap();
+        c.write_slice(0, &[3; 10]).await.unwrap();
+        assert_eq!(c.cached_bytes(), 10);
     }
 
     #[tokio::test]
