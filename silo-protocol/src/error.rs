@@ -147,6 +147,9 @@ pub enum Error {
     /// A message could not be encoded for this peer.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// A received message (e.g. a compressed payload) could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
     /// The peer replied with an error response.
     #[error("peer error {code:?} on device {device}: {text}")]
     Remote {
