@@ -1,7 +1,7 @@
 //! A file (or block device) source with two I/O engines:
 //!
 //! * [`Engine::Uring`]: reads, writes, fsync and fallocate go through the
-//!   process-wide io_uring (see `sys::uring`): no thread hop for cached
+//!   io_uring instances of the process (one per CPU, see `sys::uring`): no thread hop for cached
 //!   reads at queue depth 1, batched submissions at higher depths.
 //! * [`Engine::Blocking`]: positioned I/O (`pread`/`pwrite` through
 //!   [`FileExt`]) on tokio's blocking pool.
@@ -81,12 +81,12 @@ impl Engine {
         }
     }
 
-    /// Submission counters of the process-wide io_uring (`None` if it was
+    /// Submission counters of the io_uring instances (`None` if it was
     /// never created or is unavailable). Shows how well submissions batch.
     pub fn uring_stats() -> Option<UringStats> {
         #[cfg(feature = "uring")]
         {
-            sys::uring::global().ok().map(|r| r.stats())
+            sys::uring::stats()
         }
         #[cfg(not(feature = "uring"))]
         {
@@ -123,7 +123,7 @@ impl Engine {
 #[cfg(feature = "uring")]
 pub use super::sys::uring::RingStats as UringStats;
 
-/// Counters of the process-wide io_uring (always zero without the `uring`
+/// Counters of the io_uring instances (always zero without the `uring`
 /// feature).
 #[cfg(not(feature = "uring"))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 //!
 //! * [`fallocate`]: punch holes / zero ranges (trim, write-zeroes).
 //! * [`AlignedBuf`]: page-aligned heap memory for `O_DIRECT` bounce buffers.
-//! * [`uring`] (feature `uring`): one io_uring per process, shared by every
-//!   [`FileStorage`](super::FileStorage) using the io_uring engine.
+//! * [`uring`] (feature `uring`): a few io_uring instances per process (one
+//!   per CPU), shared by every [`FileStorage`](super::FileStorage) using the
+//!   io_uring engine.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment.
 #![allow(unsafe_code)]
@@ -150,8 +151,8 @@ impl Drop for AlignedBuf {
 
 #[cfg(feature = "uring")]
 pub(crate) mod uring {
-    //! One io_uring per process, shared by every file using the io_uring
-    //! engine.
+    //! A few io_uring instances per process (one per CPU, each thread uses
+    //! one), shared by every file using the io_uring engine.
     //!
     //! # How an operation travels
     //!
@@ -184,7 +185,7 @@ pub(crate) mod uring {
     use std::fs::File;
     use std::io;
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, OnceLock};
 
     use io_uring::{opcode, squeue, types, IoUring};
@@ -193,8 +194,10 @@ pub(crate) mod uring {
 
     use super::{Kind, OpBuf};
 
-    /// Submission queue entries of the process-wide ring.
+    /// Submission queue entries of each ring.
     const RING_ENTRIES: u32 = 256;
+    /// `io_uring_enter` flag: wait for completions.
+    const IORING_ENTER_GETEVENTS: u32 = 1;
     /// Largest single read/write submitted at once (larger ones continue as
     /// "short" transfers).
     const MAX_CHUNK: usize = 1 << 30;
@@ -291,7 +294,7 @@ pub(crate) mod uring {
         }
     }
 
-    /// The process-wide ring.
+    /// One ring with its op table and reaper.
     pub(crate) struct Ring {
         ring: IoUring,
         /// Guards the submission queue (pushing entries).
@@ -304,6 +307,10 @@ pub(crate) mod uring {
         permits: Arc<Semaphore>,
         /// Operations submitted and not yet finally completed.
         inflight: AtomicUsize,
+        /// Entries the kernel has accepted and not yet completed (can dip
+        /// below zero briefly: a completion may be reaped before its
+        /// submitter adds the count).
+        in_kernel: AtomicI64,
         park: Mutex<()>,
         wake: Condvar,
         /// `io_uring_enter` calls that submitted entries.
@@ -312,7 +319,7 @@ pub(crate) mod uring {
         submitted: AtomicU64,
     }
 
-    /// Counters of the process-wide ring.
+    /// Submission counters of the rings.
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct RingStats {
         /// `io_uring_enter` calls that submitted at least one entry.
@@ -322,23 +329,59 @@ pub(crate) mod uring {
         pub submitted: u64,
     }
 
-    static RING: OnceLock<Result<&'static Ring, String>> = OnceLock::new();
+    /// Rings: one per CPU (at most [`MAX_RINGS`]); each thread uses one,
+    /// assigned round-robin on first use, so inline completions (cached
+    /// reads run inside `io_uring_enter`, under the ring's lock) proceed on
+    /// every core in parallel instead of queueing behind one ring.
+    static RINGS: OnceLock<Result<Vec<&'static Ring>, String>> = OnceLock::new();
+    const MAX_RINGS: usize = 8;
+    static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
 
-    /// The process-wide ring, created (and probed) on first use. An error
-    /// means io_uring is unusable here (old kernel, seccomp, missing
-    /// opcodes); the result is cached.
+    thread_local! {
+        static THREAD_INDEX: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn rings() -> Result<&'static [&'static Ring], String> {
+        let rings = RINGS.get_or_init(|| {
+            let n = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, MAX_RINGS);
+            (0..n)
+                .map(|i| {
+                    let r: &'static Ring = Box::leak(Box::new(Ring::new()?));
+                    std::thread::Builder::new()
+                        .name(format!("silo-uring-{i}"))
+                        .spawn(move || r.reaper())
+                        .map_err(|e| format!("cannot start the io_uring reaper thread: {e}"))?;
+                    Ok(r)
+                })
+                .collect()
+        });
+        match rings {
+            Ok(v) => Ok(v),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// The calling thread's ring, creating (and probing) the rings on first
+    /// use. An error means io_uring is unusable here (old kernel, seccomp,
+    /// missing opcodes); the result is cached for the process.
     pub(crate) fn global() -> Result<&'static Ring, String> {
-        RING.get_or_init(|| {
-            Ring::new().map(|r| {
-                let r: &'static Ring = Box::leak(Box::new(r));
-                std::thread::Builder::new()
-                    .name("silo-uring-reaper".into())
-                    .spawn(move || r.reaper())
-                    .map_err(|e| format!("cannot start the io_uring reaper thread: {e}"))?;
-                Ok(r)
-            })?
-        })
-        .clone()
+        let rings = rings()?;
+        Ok(rings[THREAD_INDEX.with(|i| *i) % rings.len()])
+    }
+
+    /// Counters summed over all rings.
+    pub(crate) fn stats() -> Option<RingStats> {
+        let rings = rings().ok()?;
+        Some(rings.iter().fold(RingStats::default(), |a, r| {
+            let s = r.stats();
+            RingStats {
+                submit_calls: a.submit_calls + s.submit_calls,
+                submitted: a.submitted + s.submitted,
+            }
+        }))
     }
 
     impl Ring {
@@ -366,6 +409,7 @@ pub(crate) mod uring {
                 enter: Mutex::new(()),
                 permits: Arc::new(Semaphore::new(cq.min(2 * RING_ENTRIES as usize))),
                 inflight: AtomicUsize::new(0),
+                in_kernel: AtomicI64::new(0),
                 park: Mutex::new(()),
                 wake: Condvar::new(),
                 enters: AtomicU64::new(0),
@@ -417,9 +461,14 @@ pub(crate) mod uring {
             self.push(&[entry]);
             // Whatever happens to this future from here on, the entry gets
             // submitted: either below, or by the guard when dropped early.
-            let guard = SubmitOnDrop(self);
-            tokio::task::yield_now().await;
-            std::mem::forget(guard);
+            // With other operations in flight, yield once so the tasks
+            // woken by the last reap can push theirs and one enter submits
+            // them all; alone (queue depth 1), submit at once.
+            if self.inflight.load(Ordering::SeqCst) > 1 {
+                let guard = SubmitOnDrop(self);
+                tokio::task::yield_now().await;
+                std::mem::forget(guard);
+            }
             self.submit_and_reap();
             match rx.await {
                 Ok(c) => c,
@@ -466,27 +515,35 @@ pub(crate) mod uring {
         /// Submits everything pending (combining concurrent callers into
         /// one `io_uring_enter`) and delivers every completion found.
         fn submit_and_reap(&self) {
-            loop {
-                if let Some(_g) = self.enter.try_lock() {
-                    let r = self.ring.submitter().submit();
-                    self.count(&r);
-                    if let Err(e) = r {
-                        if !matches!(
-                            e.raw_os_error(),
-                            Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                        ) {
-                            tracing::error!(error = %e, "io_uring_enter failed");
-                        }
+            // Nothing pending: a task that resumed earlier submitted our
+            // entry with its own (and reaped what completed inline).
+            while self.sq_pending() {
+                // If someone else is inside enter, they check the queue
+                // again after leaving it and submit our entries: our push
+                // happened before this failed try_lock.
+                let Some(g) = self.enter.try_lock() else {
+                    return;
+                };
+                let r = self.ring.submitter().submit();
+                drop(g);
+                self.count(&r);
+                if let Err(e) = r {
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) {
+                        tracing::error!(error = %e, "io_uring_enter failed");
                     }
                 }
                 self.reap();
-                // Entries pushed while someone else was inside enter are
-                // submitted by whoever sees them here.
-                if !self.sq_pending() {
-                    break;
-                }
             }
-            if self.inflight.load(Ordering::SeqCst) > 0 {
+            self.wake_reaper();
+        }
+
+        /// Lets the reaper wait for entries the kernel completes
+        /// asynchronously (io-wq, device I/O).
+        fn wake_reaper(&self) {
+            if self.in_kernel.load(Ordering::SeqCst) > 0 {
                 let _p = self.park.lock();
                 self.wake.notify_one();
             }
@@ -495,6 +552,7 @@ pub(crate) mod uring {
         fn count(&self, r: &io::Result<usize>) {
             if let Ok(n) = r {
                 if *n > 0 {
+                    self.in_kernel.fetch_add(*n as i64, Ordering::SeqCst);
                     self.enters.fetch_add(1, Ordering::Relaxed);
                     self.submitted.fetch_add(*n as u64, Ordering::Relaxed);
                 }
@@ -522,6 +580,7 @@ pub(crate) mod uring {
                     if ud == u64::MAX {
                         continue;
                     }
+                    self.in_kernel.fetch_sub(1, Ordering::SeqCst);
                     let idx = ud as usize;
                     let res = cqe.result();
                     let Some(slot) = t.slots.get_mut(idx).and_then(Option::as_mut) else {
@@ -567,24 +626,37 @@ pub(crate) mod uring {
             }
             if !again.is_empty() {
                 self.push(&again);
-                if let Err(e) = self.ring.submitter().submit() {
+                let r = self.ring.submitter().submit();
+                self.count(&r);
+                if let Err(e) = r {
                     tracing::warn!(error = %e, "io_uring resubmission enter failed");
                 }
             }
         }
 
         /// The reaper thread: waits in the kernel while anything is in
-        /// flight and delivers completions the submitters did not see.
+        /// flight and delivers completions the submitters did not see. It
+        /// never submits (submitting is the tasks' job, so that their
+        /// entries batch and cached reads complete inline on their thread).
         fn reaper(&self) {
             loop {
                 {
                     let mut p = self.park.lock();
-                    while self.inflight.load(Ordering::SeqCst) == 0 {
+                    while self.in_kernel.load(Ordering::SeqCst) <= 0 {
                         self.wake.wait(&mut p);
                     }
                 }
-                let r = self.ring.submitter().submit_and_wait(1);
-                self.count(&r);
+                // SAFETY: a plain wait (no submissions, no argument): it
+                // touches no memory of ours; the completion queue is read
+                // afterwards under the table lock.
+                let r = unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        0,
+                        1,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                };
                 if let Err(e) = r {
                     if !matches!(
                         e.raw_os_error(),
