@@ -35,6 +35,7 @@
 pub mod errno;
 mod error;
 pub mod export;
+pub mod fuzz_support;
 pub mod handshake;
 pub mod kernel;
 pub mod proto;

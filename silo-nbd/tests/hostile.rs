@@ -1,0 +1,356 @@
+//! Hostile and unusual clients, spoken byte by byte over real TCP: bad
+//! magic, oversized lengths, unknown commands, clients vanishing
+//! mid-request; plus out-of-order replies behind a slow provider and
+//! graceful shutdown draining in-flight requests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use silo_nbd::proto::*;
+use silo_nbd::{Export, Server, ServerConfig};
+use silo_storage::{Capabilities, MemoryStorage, Provider, ProviderExt, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Reads at offsets below `slow_below` wait `delay` first.
+struct Slow {
+    inner: MemoryStorage,
+    slow_below: u64,
+    delay: Duration,
+    reads: AtomicU64,
+}
+
+#[async_trait]
+impl Provider for Slow {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        if offset < self.slow_below {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.inner.write_at(offset, data).await
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, _: u64, _: u64) {}
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+async fn start(slow: Duration) -> (Server, u16, Arc<Slow>) {
+    let p = Arc::new(Slow {
+        inner: MemoryStorage::new(1 << 20),
+        slow_below: 4096,
+        delay: slow,
+        reads: AtomicU64::new(0),
+    });
+    let server = Server::new(ServerConfig::default().with_max_in_flight(16));
+    server.add_export(Export::new("disk", p.clone())).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_tcp(l).await });
+    (server, port, p)
+}
+
+/// Fixed-newstyle handshake with NBD_OPT_GO; returns a stream in
+/// transmission (simple replies).
+async fn connect(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let mut m = Vec::new();
+    m.extend_from_slice(&3u32.to_be_bytes());
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&(4u32 + 4 + 2).to_be_bytes());
+    m.extend_from_slice(&4u32.to_be_bytes());
+    m.extend_from_slice(b"disk");
+    m.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&m).await.unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await.unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        match kind {
+            REP_ACK => return s,
+            REP_INFO => {}
+            other => panic!("unexpected reply {other:#x}"),
+        }
+    }
+}
+
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28);
+    v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&cookie.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// Reads one simple reply: (error, cookie).
+async fn reply(s: &mut TcpStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    tokio::time::timeout(T, s.read_exact(&mut h))
+        .await
+        .expect("reply in time")
+        .unwrap();
+    assert_eq!(
+        u32::from_be_bytes(h[..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC
+    );
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+async fn expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("closed in time")
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// After any abuse, the server still serves a well-behaved client.
+async fn still_serves(port: u16) {
+    let mut s = connect(port).await;
+    s.write_all(&request(CMD_WRITE, 0, 1, 8192, 4))
+        .await
+        .unwrap();
+    s.write_all(b"good").await.unwrap();
+    assert_eq!(reply(&mut s).await, (0, 1));
+    s.write_all(&request(CMD_READ, 0, 2, 8192, 4))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut s).await, (0, 2));
+    let mut d = [0u8; 4];
+    s.read_exact(&mut d).await.unwrap();
+    assert_eq!(&d, b"good");
+    s.write_all(&request(CMD_DISC, 0, 3, 0, 0)).await.unwrap();
+    expect_closed(&mut s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_handshake_magic_and_flags_close_the_connection() {
+    let (server, port, _) = start(Duration::ZERO).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.unwrap();
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    s.write_all(&[0x41; 16]).await.unwrap();
+    expect_closed(&mut s).await;
+
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.read_exact(&mut g).await.unwrap();
+    s.write_all(&0xffff_0000u32.to_be_bytes()).await.unwrap();
+    expect_closed(&mut s).await;
+    still_serves(port).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_magic_closes_the_connection() {
+    let (server, port, _) = start(Duration::ZERO).await;
+    let mut s = connect(port).await;
+    s.write_all(&[0xee; 28]).await.unwrap();
+    expect_closed(&mut s).await;
+    still_serves(port).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_write_closes_without_buffering() {
+    let (server, port, _) = start(Duration::ZERO).await;
+    let mut s = connect(port).await;
+    s.write_all(&request(CMD_WRITE, 0, 1, 0, u32::MAX))
+        .await
+        .unwrap();
+    // The server must not wait for 4 GiB; it closes right away.
+    expect_closed(&mut s).await;
+    // A write past the end within the payload limit is answered ENOSPC and
+    // its payload skipped, keeping the stream in sync.
+    let mut s = connect(port).await;
+    s.write_all(&request(CMD_WRITE, 0, 2, (1 << 20) - 10, 4096))
+        .await
+        .unwrap();
+    s.write_all(&[9u8; 4096]).await.unwrap();
+    assert_eq!(reply(&mut s).await, (28, 2));
+    // An oversized READ is refused with EINVAL, connection kept.
+    s.write_all(&request(CMD_READ, 0, 3, 0, MAX_PAYLOAD + 1))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut s).await, (22, 3));
+    still_serves(port).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_command_and_flags_get_einval_and_keep_sync() {
+    let (server, port, _) = start(Duration::ZERO).await;
+    let mut s = connect(port).await;
+    s.write_all(&request(42, 0, 7, 0, 0)).await.unwrap();
+    assert_eq!(reply(&mut s).await, (22, 7));
+    s.write_all(&request(CMD_FLUSH, 1 << 12, 8, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut s).await, (22, 8));
+    // BLOCK_STATUS without structured replies / meta context: EINVAL.
+    s.write_all(&request(CMD_BLOCK_STATUS, 0, 9, 0, 4096))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut s).await, (22, 9));
+    s.write_all(&request(CMD_FLUSH, 0, 10, 0, 0)).await.unwrap();
+    assert_eq!(reply(&mut s).await, (0, 10));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_request_is_harmless() {
+    let (server, port, p) = start(Duration::ZERO).await;
+    for cut in [3usize, 27, 28 + 1000] {
+        let mut s = connect(port).await;
+        let mut w = request(CMD_WRITE, 0, 1, 0, 1 << 20);
+        w.extend_from_slice(&vec![0x77u8; 1 << 20]);
+        s.write_all(&w[..cut]).await.unwrap();
+        drop(s);
+    }
+    // A read in flight whose client vanishes completes and is dropped.
+    let mut s = connect(port).await;
+    s.write_all(&request(CMD_READ, 0, 1, 0, 4096))
+        .await
+        .unwrap();
+    drop(s);
+    still_serves(port).await;
+    // No partial write reached the provider.
+    assert_eq!(
+        p.inner.read_bytes(0, 16).await.unwrap(),
+        Bytes::from(vec![0u8; 16])
+    );
+    let stats = server.export("disk").unwrap().metrics().snapshot();
+    assert_eq!(stats.writes, 1, "only still_serves wrote: {stats:?}");
+    server.shutdown().await;
+    let stats = server.export("disk").unwrap().metrics().snapshot();
+    assert_eq!((stats.in_flight, stats.connections), (0, 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_read_does_not_block_other_requests() {
+    let (server, port, _) = start(Duration::from_millis(400)).await;
+    let mut s = connect(port).await;
+    let mut batch = request(CMD_READ, 0, 1, 0, 512); // slow
+    for c in 2..=10u64 {
+        batch.extend_from_slice(&request(CMD_READ, 0, c, 8192, 512)); // fast
+    }
+    s.write_all(&batch).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        let (err, cookie) = reply(&mut s).await;
+        assert_eq!(err, 0);
+        let mut d = [0u8; 512];
+        s.read_exact(&mut d).await.unwrap();
+        order.push(cookie);
+    }
+    assert_eq!(order.last(), Some(&1), "slow read answered last: {order:?}");
+    let mut fast: Vec<u64> = order[..9].to_vec();
+    fast.sort();
+    assert_eq!(fast, (2..=10).collect::<Vec<_>>());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelined_requests_all_answered() {
+    let (server, port, _) = start(Duration::ZERO).await;
+    let mut s = connect(port).await;
+    let (mut r, mut w) = s.split();
+    let n = 2000u64;
+    let writer = async {
+        for c in 0..n {
+            let off = (c % 256) * 4096;
+            w.write_all(&request(CMD_READ, 0, c, off, 4096))
+                .await
+                .unwrap();
+        }
+    };
+    let reader = async {
+        let mut seen = vec![false; n as usize];
+        for _ in 0..n {
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h).await.unwrap();
+            assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+            let c = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            let mut d = vec![0u8; 4096];
+            r.read_exact(&mut d).await.unwrap();
+            assert!(
+                !std::mem::replace(&mut seen[c as usize], true),
+                "cookie {c} twice"
+            );
+        }
+        seen.iter().all(|&x| x)
+    };
+    let ((), all) = tokio::time::timeout(T, async { tokio::join!(writer, reader) })
+        .await
+        .unwrap();
+    assert!(all);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_then_closes() {
+    let (server, port, p) = start(Duration::from_millis(300)).await;
+    let mut s = connect(port).await;
+    s.write_all(&request(CMD_READ, 0, 1, 0, 512)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await; // request is in flight
+    let srv = server.clone();
+    let shut = tokio::spawn(async move { srv.shutdown().await });
+    let (err, cookie) = reply(&mut s).await;
+    assert_eq!(
+        (err, cookie),
+        (0, 1),
+        "in-flight read completed, not aborted"
+    );
+    let mut d = [0u8; 512];
+    s.read_exact(&mut d).await.unwrap();
+    expect_closed(&mut s).await;
+    tokio::time::timeout(T, shut).await.unwrap().unwrap();
+    assert_eq!(p.reads.load(Ordering::SeqCst), 1);
+    // New connections are refused or closed immediately.
+    match TcpStream::connect(("127.0.0.1", port)).await {
+        Err(_) => {}
+        Ok(mut s) => expect_closed(&mut s).await,
+    }
+}
