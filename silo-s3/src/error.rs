@@ -93,6 +93,15 @@ pub enum S3Error {
         /// What we were doing.
         context: String,
     },
+    /// Some uploads of a sync pass failed (the blocks stay dirty and are
+    /// retried on the next pass).
+    #[error("{failed} of {blocks} block uploads of the sync pass failed")]
+    SyncIncomplete {
+        /// Failed uploads.
+        failed: u64,
+        /// Blocks in the pass.
+        blocks: u64,
+    },
     /// A silo storage error (e.g. reading the device being synced).
     #[error(transparent)]
     Storage(#[from] silo_storage::Error),

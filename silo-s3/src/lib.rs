@@ -30,6 +30,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod provider;
 pub mod store;
+pub mod sync;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -41,3 +42,4 @@ pub use manifest::Manifest;
 pub use metrics::{S3Metrics, S3MetricsSnapshot};
 pub use provider::{OpenMode, S3Storage};
 pub use store::BlockStore;
+pub use sync::{S3Sync, S3SyncMetrics, SyncSettings};

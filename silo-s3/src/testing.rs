@@ -65,6 +65,20 @@ fn random_hex(tag: &str) -> String {
     hex::encode(&h.finalize()[..12])
 }
 
+/// Deterministic pseudo-random test data (xorshift) for `seed`; never
+/// all-zero for a non-empty length.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 1
+        })
+        .collect()
+}
+
 /// A running `s3s-fs` server (killed on drop).
 pub struct S3sFs {
     child: Option<Child>,

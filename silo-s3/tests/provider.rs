@@ -6,21 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use proptest::prelude::*;
-use silo_s3::testing::S3sFs;
+use silo_s3::testing::{pattern, S3sFs};
 use silo_s3::{s3_error_of, Credentials, OpenMode, S3Error, S3Storage};
 use silo_storage::{ErrorKind, Provider, ProviderExt};
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone)]
 enum Op {
