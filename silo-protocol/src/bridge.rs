@@ -536,6 +536,33 @@ impl FromProtocol {
         self.hint(false, offset, len)
     }
 
+    /// A callback for a waiting cache's need-at hook (e.g.
+    /// `Arc::new(from.need_at_fn())` as a `silo_storage::waiting::RangeHandler`).
+    /// Errors (connection gone) are logged, not returned.
+    pub fn need_at_fn(self: &Arc<Self>) -> impl Fn(u64, u64) + Send + Sync + 'static {
+        let this = Arc::downgrade(self);
+        move |offset, len| {
+            if let Some(this) = this.upgrade() {
+                if let Err(e) = this.need_at(offset, len) {
+                    tracing::debug!(offset, len, error = %e, "need-at not sent");
+                }
+            }
+        }
+    }
+
+    /// A callback for a waiting cache's don't-need-at hook (see
+    /// [`FromProtocol::need_at_fn`]).
+    pub fn dont_need_at_fn(self: &Arc<Self>) -> impl Fn(u64, u64) + Send + Sync + 'static {
+        let this = Arc::downgrade(self);
+        move |offset, len| {
+            if let Some(this) = this.upgrade() {
+                if let Err(e) = this.dont_need_at(offset, len) {
+                    tracing::debug!(offset, len, error = %e, "dont-need-at not sent");
+                }
+            }
+        }
+    }
+
     fn hint(&self, need: bool, offset: u64, length: u64) -> Result<(), Error> {
         if length == 0 {
             return Ok(());

@@ -151,6 +151,9 @@ impl Config {
 
 const KINDS: usize = 16;
 
+/// Body buffer allocated before any body byte arrived (grows as data comes).
+const INITIAL_BODY: usize = 2 << 20;
+
 /// How long a closed connection keeps trying to write what was queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -1026,11 +1029,16 @@ async fn read_frames<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: R) -> R
         }
         let header = FrameHeader::decode(&hdr, &shared.limits_in)
             .map_err(|e| format!("protocol error: {e}"))?;
-        // The length is bounded by our limit before this allocation.
+        // The length is bounded by our limit before this allocation, and the
+        // buffer only grows (doubling) as bytes actually arrive, so a peer
+        // announcing large frames without sending them pins little memory.
         let len = header.len as usize;
-        let mut body = BytesMut::with_capacity(len);
+        let mut body = BytesMut::with_capacity(len.min(INITIAL_BODY));
         while body.len() < len {
-            let want = len - body.len();
+            if body.len() == body.capacity() {
+                body.reserve((len - body.len()).min(body.len().max(INITIAL_BODY)));
+            }
+            let want = (len - body.len()).min(body.capacity() - body.len());
             let n = rd
                 .read_buf(&mut (&mut body).limit(want))
                 .await

@@ -628,3 +628,25 @@ async fn malformed_request_gets_an_error_reply_and_the_connection_survives() {
         .unwrap();
     assert!(reason.to_string().contains("exceeds the limit"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_frames_arrive_intact_over_tcp() {
+    // Larger than the reader's initial body buffer, so it has to grow.
+    let (a, b) = tcp_pair(Config::default(), Config::default()).await;
+    let server = serve_device(&b, 1, 12 << 20);
+    let big: Bytes = (0..(5usize << 20) + 3)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    a.write_at(1, 4096, &big, Compression::None, Priority::Bulk)
+        .await
+        .unwrap();
+    let back = a
+        .read_at(1, 4096, big.len() as u32, Priority::Bulk)
+        .await
+        .unwrap();
+    assert_eq!(back, big);
+    a.close();
+    let data = server.await.unwrap();
+    assert_eq!(&data[4096..4096 + big.len()], &big[..]);
+}
