@@ -540,24 +540,21 @@ impl FromProtocol {
     /// `Arc::new(from.need_at_fn())` as a `silo_storage::waiting::RangeHandler`).
     /// Errors (connection gone) are logged, not returned.
     pub fn need_at_fn(self: &Arc<Self>) -> impl Fn(u64, u64) + Send + Sync + 'static {
-        let this = Arc::downgrade(self);
-        move |offset, len| {
-            if let Some(this) = this.upgrade() {
-                if let Err(e) = this.need_at(offset, len) {
-                    tracing::debug!(offset, len, error = %e, "need-at not sent");
-                }
-            }
-        }
+        self.hint_fn(true)
     }
 
     /// A callback for a waiting cache's don't-need-at hook (see
     /// [`FromProtocol::need_at_fn`]).
     pub fn dont_need_at_fn(self: &Arc<Self>) -> impl Fn(u64, u64) + Send + Sync + 'static {
+        self.hint_fn(false)
+    }
+
+    fn hint_fn(self: &Arc<Self>, need: bool) -> impl Fn(u64, u64) + Send + Sync + 'static {
         let this = Arc::downgrade(self);
         move |offset, len| {
             if let Some(this) = this.upgrade() {
-                if let Err(e) = this.dont_need_at(offset, len) {
-                    tracing::debug!(offset, len, error = %e, "dont-need-at not sent");
+                if let Err(e) = this.hint(need, offset, len) {
+                    tracing::debug!(offset, len, need, error = %e, "range hint not sent");
                 }
             }
         }

@@ -543,6 +543,20 @@ impl Connection {
         Connection::from_split(r, w, config).await
     }
 
+    /// [`Connection::connect`] for a TCP stream: sets `TCP_NODELAY` and uses
+    /// the stream's owned halves (no lock between reader and writer).
+    pub async fn connect_tcp(
+        stream: tokio::net::TcpStream,
+        config: Config,
+    ) -> Result<Connection, Error> {
+        stream.set_nodelay(true).map_err(|e| Error::Io {
+            context: "setting TCP_NODELAY",
+            message: e.to_string(),
+        })?;
+        let (r, w) = stream.into_split();
+        Connection::from_split(r, w, config).await
+    }
+
     /// Like [`Connection::connect`] with separate read and write halves.
     pub async fn from_split<R, W>(
         mut reader: R,

@@ -23,18 +23,10 @@ async fn tcp_pair() -> (Connection, Connection) {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
-        s.set_nodelay(true).unwrap();
-        let (r, w) = s.into_split();
-        Connection::from_split(r, w, Config::default())
-            .await
-            .unwrap()
+        Connection::connect_tcp(s, Config::default()).await.unwrap()
     });
     let c = TcpStream::connect(addr).await.unwrap();
-    c.set_nodelay(true).unwrap();
-    let (r, w) = c.into_split();
-    let client = Connection::from_split(r, w, Config::default())
-        .await
-        .unwrap();
+    let client = Connection::connect_tcp(c, Config::default()).await.unwrap();
     (client, server.await.unwrap())
 }
 
