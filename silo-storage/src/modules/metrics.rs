@@ -24,12 +24,17 @@ use crate::provider::{DynProvider, Provider};
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// Live counters of one operation kind.
+///
+/// Kept to four atomic additions per operation: the number of completed
+/// operations is the sum of the latency histogram, and the in-flight count is
+/// `started - completed - abandoned` (an operation whose future is dropped
+/// before it finishes counts as abandoned).
 #[derive(Debug)]
 pub struct OpCounters {
-    ops: AtomicU64,
+    started: AtomicU64,
+    abandoned: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
-    in_flight: AtomicU64,
     total_ns: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
@@ -37,10 +42,10 @@ pub struct OpCounters {
 impl Default for OpCounters {
     fn default() -> Self {
         OpCounters {
-            ops: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -57,50 +62,75 @@ pub fn latency_bucket(d: Duration) -> usize {
     }
 }
 
-struct InFlight<'a>(&'a OpCounters);
+/// An operation in progress; counts as abandoned if dropped unfinished.
+struct Running<'a> {
+    c: &'a OpCounters,
+    started: Instant,
+    done: bool,
+}
 
-impl Drop for InFlight<'_> {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        if !self.done {
+            self.c.abandoned.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl Running<'_> {
+    fn finish<T>(mut self, bytes: u64, r: &Result<T>) {
+        self.done = true;
+        let c = self.c;
+        let d = self.started.elapsed();
+        match r {
+            Ok(_) if bytes > 0 => {
+                c.bytes.fetch_add(bytes, Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                c.errors.fetch_add(1, Relaxed);
+            }
+        }
+        c.total_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
     }
 }
 
 impl OpCounters {
-    fn start(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Relaxed);
-        InFlight(self)
-    }
-
-    fn finish<T>(&self, started: Instant, bytes: u64, r: &Result<T>) {
-        let d = started.elapsed();
-        self.ops.fetch_add(1, Relaxed);
-        match r {
-            Ok(_) => {
-                self.bytes.fetch_add(bytes, Relaxed);
-            }
-            Err(_) => {
-                self.errors.fetch_add(1, Relaxed);
-            }
+    fn start(&self) -> Running<'_> {
+        self.started.fetch_add(1, Relaxed);
+        Running {
+            c: self,
+            started: Instant::now(),
+            done: false,
         }
-        self.total_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-        self.latency[latency_bucket(d)].fetch_add(1, Relaxed);
     }
 
-    /// A plain copy of the counters.
+    /// A plain copy of the counters (not an atomic snapshot: counters
+    /// updated concurrently may be off by the operations in progress).
     pub fn snapshot(&self) -> OpSnapshot {
+        let latency_us_log2: [u64; LATENCY_BUCKETS] =
+            std::array::from_fn(|i| self.latency[i].load(Relaxed));
+        let ops: u64 = latency_us_log2.iter().sum();
+        let started = self.started.load(Relaxed);
+        let abandoned = self.abandoned.load(Relaxed);
         OpSnapshot {
-            ops: self.ops.load(Relaxed),
+            ops,
             bytes: self.bytes.load(Relaxed),
             errors: self.errors.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
+            in_flight: started.saturating_sub(ops + abandoned),
+            abandoned,
             total_time: Duration::from_nanos(self.total_ns.load(Relaxed)),
-            latency_us_log2: std::array::from_fn(|i| self.latency[i].load(Relaxed)),
+            latency_us_log2,
         }
     }
 
     fn reset(&self) {
-        self.ops.store(0, Relaxed);
+        // Keep `started - completed - abandoned` (in flight) unchanged.
+        let s = self.snapshot();
+        self.started.store(s.in_flight, Relaxed);
+        self.abandoned.store(0, Relaxed);
         self.bytes.store(0, Relaxed);
         self.errors.store(0, Relaxed);
         self.total_ns.store(0, Relaxed);
@@ -121,6 +151,8 @@ pub struct OpSnapshot {
     pub errors: u64,
     /// Operations currently in progress.
     pub in_flight: u64,
+    /// Operations whose future was dropped before they finished.
+    pub abandoned: u64,
     /// Sum of all operation durations.
     pub total_time: Duration,
     /// Latency histogram: entry `i` counts operations under `2^i` µs.
@@ -231,38 +263,33 @@ impl<P: Provider> Provider for Metrics<P> {
     forward!(inner; size, capabilities, cancel_writes, close);
 
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        let c = &self.m.read;
-        let (_f, t, n) = (c.start(), Instant::now(), buf.len() as u64);
+        let (run, n) = (self.m.read.start(), buf.len() as u64);
         let r = self.inner.read_at(offset, buf).await;
-        c.finish(t, n, &r);
+        run.finish(n, &r);
         r
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        let c = &self.m.write;
-        let (_f, t, n) = (c.start(), Instant::now(), data.len() as u64);
+        let (run, n) = (self.m.write.start(), data.len() as u64);
         let r = self.inner.write_at(offset, data).await;
-        c.finish(t, n, &r);
+        run.finish(n, &r);
         r
     }
     async fn flush(&self) -> Result<()> {
-        let c = &self.m.flush;
-        let (_f, t) = (c.start(), Instant::now());
+        let run = self.m.flush.start();
         let r = self.inner.flush().await;
-        c.finish(t, 0, &r);
+        run.finish(0, &r);
         r
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        let c = &self.m.trim;
-        let (_f, t) = (c.start(), Instant::now());
+        let run = self.m.trim.start();
         let r = self.inner.trim(offset, len).await;
-        c.finish(t, len, &r);
+        run.finish(len, &r);
         r
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let c = &self.m.write_zeroes;
-        let (_f, t) = (c.start(), Instant::now());
+        let run = self.m.write_zeroes.start();
         let r = self.inner.write_zeroes(offset, len).await;
-        c.finish(t, len, &r);
+        run.finish(len, &r);
         r
     }
 }
@@ -295,8 +322,36 @@ mod tests {
         assert_eq!((s.read.ops, s.read.bytes, s.read.errors), (2, 50, 1));
         assert_eq!((s.flush.ops, s.trim.bytes), (1, 10));
         assert_eq!(s.read.latency_us_log2.iter().sum::<u64>(), 2);
-        assert_eq!(s.read.in_flight, 0);
+        assert_eq!((s.read.in_flight, s.read.abandoned), (0, 0));
         m.reset();
         assert_eq!(m.snapshot().read.ops, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_and_abandoned() {
+        use crate::modules::{ArtificialLatency, LatencyConfig};
+        let m = std::sync::Arc::new(Metrics::new(ArtificialLatency::new(
+            MemoryStorage::new(1000),
+            LatencyConfig {
+                write: Duration::from_secs(1),
+                ..LatencyConfig::default()
+            },
+        )));
+        let t = tokio::spawn({
+            let m = m.clone();
+            async move { m.write_slice(0, &[1; 10]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(m.snapshot().write.in_flight, 1);
+        m.reset();
+        assert_eq!(m.snapshot().write.in_flight, 1);
+        t.await.unwrap().unwrap();
+        let s = m.snapshot().write;
+        assert_eq!((s.in_flight, s.ops, s.bytes), (0, 1, 10));
+        // A dropped future is abandoned, not in flight forever.
+        let r = tokio::time::timeout(Duration::from_millis(10), m.write_slice(0, &[1; 10])).await;
+        assert!(r.is_err());
+        let s = m.snapshot().write;
+        assert_eq!((s.in_flight, s.abandoned, s.ops), (0, 1, 1));
     }
 }
