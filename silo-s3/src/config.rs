@@ -310,4 +310,30 @@ mod tests {
         bad.bucket.clear();
         assert!(bad.validate().is_err());
     }
+
+    #[test]
+    fn credentials_from_env() {
+        // The only test in this binary that touches these variables.
+        std::env::remove_var(ENV_ACCESS_KEY);
+        std::env::remove_var(ENV_SECRET_KEY);
+        let e = Credentials::from_env().unwrap_err();
+        assert!(e.to_string().contains(ENV_ACCESS_KEY), "{e}");
+        std::env::set_var(ENV_ACCESS_KEY, "env-access");
+        assert!(Credentials::from_env()
+            .unwrap_err()
+            .to_string()
+            .contains(ENV_SECRET_KEY));
+        std::env::set_var(ENV_SECRET_KEY, "env-secret");
+        std::env::set_var(ENV_SESSION_TOKEN, "env-token");
+        let c = Credentials::from_env().unwrap();
+        assert_eq!(c.access_key_id.expose(), "env-access");
+        assert_eq!(c.secret_access_key.expose(), "env-secret");
+        assert_eq!(
+            c.session_token.as_ref().map(Secret::expose),
+            Some("env-token")
+        );
+        for v in [ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_SESSION_TOKEN] {
+            std::env::remove_var(v);
+        }
+    }
 }

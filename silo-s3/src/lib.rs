@@ -43,3 +43,8 @@ pub use metrics::{S3Metrics, S3MetricsSnapshot};
 pub use provider::{OpenMode, S3Storage};
 pub use store::BlockStore;
 pub use sync::{S3Sync, S3SyncMetrics, SyncSettings};
+
+/// The README's examples are compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

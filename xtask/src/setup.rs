@@ -82,7 +82,7 @@ fn install_s3s_fs() -> Result<(), String> {
         "xtask: installing s3s-fs {S3S_FS_VERSION} (the local S3 server for tests; about 2 minutes)"
     );
     crate::run(
-        Command::new("cargo")
+        crate::cargo()
             .args([
                 "install",
                 &format!("s3s-fs@{S3S_FS_VERSION}"),
