@@ -653,3 +653,53 @@ fn logger_emits_one_event_per_operation_and_can_be_switched_off() {
     assert_eq!(c.get("read"), Some(&2), "{c:?}");
     assert_eq!(c.get("flush"), Some(&1), "{c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_cache_close_racing_writers_loses_no_acknowledged_write() {
+    for round in 0..20u64 {
+        let mem = Arc::new(MemoryStorage::new(1 << 20));
+        let cache = Arc::new(
+            WriteCache::new(
+                mem.clone(),
+                WriteCacheConfig {
+                    block_size: 4096,
+                    min_data: 16 << 10,
+                    max_data: 64 << 10,
+                    flush_period: Some(Duration::from_millis(1)),
+                },
+            )
+            .unwrap(),
+        );
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..200u64 {
+                    let off = (i * 4 + w) * 1000;
+                    let v = (w as u8 + 1) ^ (round as u8);
+                    match cache.write_slice(off, &[v; 1000]).await {
+                        Ok(()) => acked.push((off, v)),
+                        Err(e) => {
+                            assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                            break;
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+                acked
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1 + round % 5)).await;
+        cache.close().await.unwrap();
+        for t in tasks {
+            for (off, v) in t.await.unwrap() {
+                assert_eq!(
+                    &mem.read_bytes(off, 1000).await.unwrap()[..],
+                    &[v; 1000][..],
+                    "acknowledged write at {off} lost by close"
+                );
+            }
+        }
+    }
+}

@@ -163,6 +163,34 @@ impl<P: Provider> MappedStorage<P> {
             .freeze())
     }
 
+    /// Reads `count` consecutive blocks starting at id `id` (ids `id`,
+    /// `id + block_size`, …) into one buffer; every id must be stored.
+    pub async fn read_blocks(&self, id: u64, count: usize) -> Result<Bytes> {
+        let bs = self.block_size as usize;
+        let slots: Vec<u64> = {
+            let m = self.map.lock();
+            (0..count)
+                .map(|i| {
+                    let want = id + (i * bs) as u64;
+                    m.slots
+                        .get(&want)
+                        .copied()
+                        .ok_or_else(|| Error::Invalid(format!("mapped id {want:#x} is not stored")))
+                })
+                .collect::<Result<_>>()?
+        };
+        let buf = BytesMut::zeroed(count * bs);
+        let parts = super::util::split_buf(buf, std::iter::repeat(bs).take(count));
+        let done = futures::future::try_join_all(
+            slots
+                .iter()
+                .zip(parts)
+                .map(|(&s, b)| self.inner.read_at(s * self.block_size, b)),
+        )
+        .await?;
+        Ok(super::util::join_bufs(done).freeze())
+    }
+
     /// Whether `id` is stored.
     pub fn contains(&self, id: u64) -> bool {
         self.map.lock().slots.contains_key(&id)

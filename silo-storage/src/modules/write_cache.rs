@@ -458,6 +458,12 @@ impl<P: Provider> Provider for WriteCache<P> {
             s.pass(Select::DownTo(s.cfg.min_data)).await?;
         }
         let _g = s.flush_lock.read().await;
+        // Re-check under the lock: close() sets `closed` before its final
+        // pass, so a write that gets here later must not be cached (it would
+        // never be written down).
+        if s.state.lock().closed {
+            return Err(Error::Closed { op: Op::Write });
+        }
         if s.write_through.load(Ordering::Acquire) {
             // Write below first, then drop older cached bytes of the range:
             // a concurrent read sees either the old or the new data.
