@@ -7,7 +7,7 @@
 //! * Slot `s` lives at byte `s * block_size` of the provider; the number of
 //!   slots is `provider.size() / block_size`. A new id takes the lowest free
 //!   slot; when none is left the write fails with
-//!   [`Error::OutOfSpace`](crate::Error::OutOfSpace) and nothing changes.
+//!   `Error::OutOfSpace` and nothing changes.
 //! * Removing an id frees its slot. Callers must not remove an id while a
 //!   write to it is still in progress.
 
