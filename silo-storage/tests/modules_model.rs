@@ -257,3 +257,50 @@ proptest! {
         })?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Two write-combinator inputs (priorities 1 and 2) with unaligned writes,
+    /// against a per-block priority model; the reported outcome must match.
+    #[test]
+    fn write_combinator_matches_priority_model(
+        writes in proptest::collection::vec((any::<bool>(), 0..SIZE, 1usize..2500, any::<u8>()), 1..40),
+    ) {
+        rt().block_on(async {
+            const BS: u64 = 1024;
+            let comb = WriteCombinator::new(mem(), BS).unwrap();
+            let inputs = [comb.add_input(1), comb.add_input(2)];
+            let mut model = vec![0u8; SIZE as usize];
+            let mut owner = vec![0u32; SIZE.div_ceil(BS) as usize];
+            for (high, offset, len, seed) in writes {
+                let len = len.min((SIZE - offset) as usize);
+                let prio = if high { 2 } else { 1 };
+                let data = pattern(len, seed);
+                let out = inputs[high as usize]
+                    .write_reporting(offset, Bytes::from(data.clone()))
+                    .await
+                    .unwrap();
+                let (mut applied, mut dropped) = (0u64, 0u64);
+                let mut pos = offset;
+                while pos < offset + len as u64 {
+                    let b = (pos / BS) as usize;
+                    let end = ((b as u64 + 1) * BS).min(offset + len as u64);
+                    if prio >= owner[b] {
+                        owner[b] = prio;
+                        let (s, e) = ((pos - offset) as usize, (end - offset) as usize);
+                        model[pos as usize..end as usize].copy_from_slice(&data[s..e]);
+                        applied += end - pos;
+                    } else {
+                        dropped += end - pos;
+                    }
+                    pos = end;
+                }
+                prop_assert_eq!((out.applied_bytes, out.dropped_bytes), (applied, dropped));
+            }
+            let all = comb.target().read_at(0, BytesMut::zeroed(SIZE as usize)).await.unwrap();
+            prop_assert!(all[..] == model[..]);
+            Ok(())
+        })?;
+    }
+}
