@@ -13,6 +13,31 @@
 //!                                                        └─► overlay
 //! ```
 //!
+//! Building a stack at run time and pausing it for a cut-over:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use silo_storage::modules::{CopyOnWrite, CowConfig, Lockable, Metrics};
+//! use silo_storage::{DynProvider, MemoryStorage, ProviderExt};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let base: DynProvider = Arc::new(MemoryStorage::new(1 << 20));
+//! let overlay: DynProvider = Arc::new(MemoryStorage::new(1 << 20));
+//! let cow = Arc::new(CopyOnWrite::open(base, overlay, CowConfig::new(4096)).await?);
+//! let lockable = Arc::new(Lockable::new(cow.clone() as DynProvider));
+//! let device = Metrics::new(lockable.clone() as DynProvider);
+//!
+//! device.write_slice(10, b"hello").await?;
+//! assert_eq!(&device.read_bytes(10, 5).await?[..], b"hello");
+//! assert_eq!(cow.local_blocks(), vec![0]);
+//!
+//! lockable.lock().await; // no write is in progress below from here on
+//! lockable.unlock();
+//! assert_eq!(device.snapshot().write.ops, 1);
+//! # Ok::<(), silo_storage::Error>(())
+//! # }).unwrap();
+//! ```
+//!
 //! | module | what it does |
 //! |---|---|
 //! | [`lockable::Lockable`] | pauses reads and writes between `lock()` and `unlock()` |
