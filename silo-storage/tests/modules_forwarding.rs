@@ -141,9 +141,21 @@ fn dynp(p: &Arc<Probe>) -> DynProvider {
 async fn pass_through_modules_forward_everything() {
     let caps = probe_caps();
     let p = probe();
-    exercise("metrics", &Metrics::new(dynp(&p)), &[p.clone()], caps).await;
+    exercise(
+        "metrics",
+        &Metrics::new(dynp(&p)),
+        std::slice::from_ref(&p),
+        caps,
+    )
+    .await;
     let p = probe();
-    exercise("lockable", &Lockable::new(dynp(&p)), &[p.clone()], caps).await;
+    exercise(
+        "lockable",
+        &Lockable::new(dynp(&p)),
+        std::slice::from_ref(&p),
+        caps,
+    )
+    .await;
     let p = probe();
     exercise(
         "read-only gate",
@@ -154,17 +166,29 @@ async fn pass_through_modules_forward_everything() {
     .await;
     let p = probe();
     let lat = ArtificialLatency::new(dynp(&p), LatencyConfig::default());
-    exercise("latency", &lat, &[p.clone()], caps).await;
+    exercise("latency", &lat, std::slice::from_ref(&p), caps).await;
     let p = probe();
-    exercise("logger", &Logger::new(dynp(&p), "x"), &[p.clone()], caps).await;
+    exercise(
+        "logger",
+        &Logger::new(dynp(&p), "x"),
+        std::slice::from_ref(&p),
+        caps,
+    )
+    .await;
     let p = probe();
-    exercise("hooks", &Hooks::new(dynp(&p)), &[p.clone()], caps).await;
+    exercise(
+        "hooks",
+        &Hooks::new(dynp(&p)),
+        std::slice::from_ref(&p),
+        caps,
+    )
+    .await;
     let p = probe();
     let bs = BlockSplitter::new(dynp(&p), 1024).unwrap();
-    exercise("block splitter", &bs, &[p.clone()], caps).await;
+    exercise("block splitter", &bs, std::slice::from_ref(&p), caps).await;
     let p = probe();
     let f = FilterRedundantWrites::new(dynp(&p), dynp(&p), 0).unwrap();
-    exercise("filter", &f, &[p.clone()], caps).await;
+    exercise("filter", &f, std::slice::from_ref(&p), caps).await;
     let p = probe();
     let wc = WriteCache::new(
         dynp(&p),
@@ -174,13 +198,13 @@ async fn pass_through_modules_forward_everything() {
         },
     )
     .unwrap();
-    exercise("write cache", &wc, &[p.clone()], caps).await;
+    exercise("write cache", &wc, std::slice::from_ref(&p), caps).await;
     let dir = tempfile::tempdir().unwrap();
     let p = probe();
     let bl = Binlog::create(dynp(&p), dir.path().join("b"), BinlogOptions::default())
         .await
         .unwrap();
-    exercise("binlog", &bl, &[p.clone()], caps).await;
+    exercise("binlog", &bl, std::slice::from_ref(&p), caps).await;
 }
 
 #[tokio::test]
