@@ -160,7 +160,7 @@ async fn pass_through_modules_forward_everything() {
     exercise(
         "read-only gate",
         &ReadOnlyGate::new(dynp(&p)),
-        &[p.clone()],
+        std::slice::from_ref(&p),
         caps,
     )
     .await;
