@@ -112,6 +112,29 @@ impl CowConfig {
     }
 }
 
+/// Counters of a [`CopyOnWrite`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CowStats {
+    /// Blocks living in the overlay.
+    pub local_blocks: u64,
+    /// Bytes read from the base.
+    pub base_read_bytes: u64,
+    /// Bytes read from the overlay.
+    pub overlay_read_bytes: u64,
+    /// Partial first writes of a block (base block read, merged, written).
+    pub merges: u64,
+    /// Times the overlay map was written to the state file.
+    pub state_writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    base_read_bytes: AtomicU64,
+    overlay_read_bytes: AtomicU64,
+    merges: AtomicU64,
+    state_writes: AtomicU64,
+}
+
 /// What a write puts into the overlay.
 #[derive(Clone)]
 enum Src {
@@ -141,6 +164,7 @@ pub struct CopyOnWrite<B = DynProvider, O = DynProvider> {
     /// Generation last written to the state file (also the persist lock).
     persisted: AsyncMutex<Option<u64>>,
     gate: Gate,
+    counters: Counters,
 }
 
 impl<B: Provider, O: Provider> CopyOnWrite<B, O> {
@@ -180,6 +204,7 @@ impl<B: Provider, O: Provider> CopyOnWrite<B, O> {
             generation: AtomicU64::new(0),
             persisted: AsyncMutex::new(persisted),
             gate: Gate::default(),
+            counters: Counters::default(),
         })
     }
 
@@ -206,6 +231,27 @@ impl<B: Provider, O: Provider> CopyOnWrite<B, O> {
     /// Number of local blocks.
     pub fn local_count(&self) -> u64 {
         self.local.count()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CowStats {
+        let c = &self.counters;
+        CowStats {
+            local_blocks: self.local.count(),
+            base_read_bytes: c.base_read_bytes.load(Ordering::Relaxed),
+            overlay_read_bytes: c.overlay_read_bytes.load(Ordering::Relaxed),
+            merges: c.merges.load(Ordering::Relaxed),
+            state_writes: c.state_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count_read(&self, local: bool, n: usize) {
+        let c = if local {
+            &self.counters.overlay_read_bytes
+        } else {
+            &self.counters.base_read_bytes
+        };
+        c.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// The local blocks, ascending.
@@ -242,6 +288,7 @@ impl<B: Provider, O: Provider> CopyOnWrite<B, O> {
         let snapshot = self.local.to_bytes();
         self.overlay.flush().await?;
         store_state(path, &self.layout, snapshot).await?;
+        self.counters.state_writes.fetch_add(1, Ordering::Relaxed);
         *persisted = Some(generation);
         Ok(())
     }
@@ -279,6 +326,7 @@ impl<B: Provider, O: Provider> CopyOnWrite<B, O> {
                 .await
                 .map(|_| false);
         }
+        self.counters.merges.fetch_add(1, Ordering::Relaxed);
         let range = self.layout.block_range(p.block);
         let mut block = self
             .base
@@ -380,6 +428,9 @@ impl<B: Provider, O: Provider> Provider for CopyOnWrite<B, O> {
                 Some(r) if r.2 == local => r.1 += p.len,
                 _ => runs.push((p.offset, p.len, local)),
             }
+        }
+        for r in &runs {
+            self.count_read(r.2, r.1);
         }
         if runs.len() <= 1 {
             let local = runs.first().is_some_and(|r| r.2);
@@ -547,6 +598,9 @@ mod tests {
         // base untouched
         assert_ne!(&base.read_bytes(100, 10).await.unwrap()[..], &[0xAA; 10]);
         // trim of the last partial block reads zeroes, base intact
+        let st = cow.stats();
+        assert_eq!((st.local_blocks, st.merges), (1, 1));
+        assert_eq!(st.base_read_bytes + st.overlay_read_bytes, 10_000);
         cow.trim(8192, 10_000 - 8192).await.unwrap();
         want[8192..].fill(0);
         assert_eq!(&cow.read_bytes(0, 10_000).await.unwrap()[..], &want[..]);

@@ -126,7 +126,7 @@ pub use artificial_latency::{ArtificialLatency, LatencyConfig};
 pub use binlog::{create_binlog_from_device, Binlog, BinlogOptions};
 pub use binlog_replay::{BinlogRecord, BinlogReplay, RecordKind, ReplaySpeed, ReplayStats};
 pub use block_splitter::BlockSplitter;
-pub use cow::{CopyOnWrite, CowConfig, CowPersist};
+pub use cow::{CopyOnWrite, CowConfig, CowPersist, CowStats};
 pub use filter_redundant_writes::{changed_runs, FilterRedundantWrites, FilterStats};
 pub use gate::{GateMode, Gated, ReadsAndWrites, WritesOnly};
 pub use hooks::Hooks;
@@ -138,7 +138,7 @@ pub use nothing::Nothing;
 pub use raid::Raid;
 pub use read_only_gate::ReadOnlyGate;
 pub use sharded::Sharded;
-pub use write_cache::{WriteCache, WriteCacheConfig};
+pub use write_cache::{WriteCache, WriteCacheConfig, WriteCacheStats};
 pub use write_combinator::{CombinatorInput, CombinatorStats, WriteCombinator, WriteOutcome};
 
 use async_trait::async_trait;

@@ -78,6 +78,23 @@ impl Default for WriteCacheConfig {
     }
 }
 
+/// Counters of a [`WriteCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteCacheStats {
+    /// Bytes cached now.
+    pub cached_bytes: u64,
+    /// Blocks with cached bytes now.
+    pub cached_blocks: u64,
+    /// Flush passes run (background, backpressure, explicit).
+    pub passes: u64,
+    /// Blocks written down successfully.
+    pub blocks_written: u64,
+    /// Blocks whose write-down failed (kept for retry).
+    pub block_errors: u64,
+    /// Writes that went straight below in write-through mode.
+    pub write_through_writes: u64,
+}
+
 #[derive(Clone)]
 struct CachedPiece {
     offset: u64,
@@ -98,6 +115,10 @@ struct State {
     bytes: u64,
     error: Option<Error>,
     closed: bool,
+    passes: u64,
+    blocks_written: u64,
+    block_errors: u64,
+    write_through_writes: u64,
 }
 
 struct Shared<P> {
@@ -276,11 +297,16 @@ impl<P: Provider> Shared<P> {
             .await;
         let mut first_err = None;
         let mut s = self.state.lock();
+        s.passes += 1;
         for (b, r) in results {
             let e = s.flushing.remove(&b).expect("entry being flushed");
             match r {
-                Ok(()) => s.bytes -= e.bytes,
+                Ok(()) => {
+                    s.bytes -= e.bytes;
+                    s.blocks_written += 1;
+                }
                 Err(err) => {
+                    s.block_errors += 1;
                     // Put the pieces back, older than anything written since.
                     let newer = s.dirty.remove(&b).unwrap_or_default();
                     let mut pieces = e.pieces;
@@ -379,6 +405,19 @@ impl<P: Provider> WriteCache<P> {
         self.shared.state.lock().bytes
     }
 
+    /// Counters.
+    pub fn stats(&self) -> WriteCacheStats {
+        let s = self.shared.state.lock();
+        WriteCacheStats {
+            cached_bytes: s.bytes,
+            cached_blocks: (s.dirty.len() + s.flushing.len()) as u64,
+            passes: s.passes,
+            blocks_written: s.blocks_written,
+            block_errors: s.block_errors,
+            write_through_writes: s.write_through_writes,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> WriteCacheConfig {
         self.shared.cfg
@@ -470,6 +509,7 @@ impl<P: Provider> Provider for WriteCache<P> {
             let len = data.len() as u64;
             s.inner.write_at(offset, data).await?;
             s.clip(offset, offset + len);
+            s.state.lock().write_through_writes += 1;
         } else {
             s.insert(offset, &data);
         }
@@ -560,8 +600,11 @@ mod tests {
         assert_eq!(&r[100..600], &[1; 500][..]);
         assert_eq!(&r[600..610], &[2; 10][..]);
         assert_eq!(&r[610..1100], &[1; 490][..]);
+        assert_eq!(c.stats().cached_blocks, 3);
         c.flush().await.unwrap();
         assert_eq!(c.cached_bytes(), 0);
+        let st = c.stats();
+        assert_eq!((st.passes, st.blocks_written, st.block_errors), (1, 3, 0));
         assert_eq!(&c.inner().read_bytes(0, 2000).await.unwrap()[..], &r[..]);
     }
 
