@@ -502,3 +502,36 @@ async fn trim_punches_holes_and_read_only_refuses() {
     let e = FileStorage::open(dir.path().join("missing"), Engine::Auto).unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+/// A file shrunk behind the storage's back: the read comes back short, the
+/// engine resubmits the rest, hits end-of-file and fails cleanly (no hang,
+/// no stale bytes passed off as data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_reads_are_resumed_then_fail_at_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    for engine in [Engine::Uring, Engine::Blocking] {
+        let path = dir.path().join(format!("short-{engine:?}"));
+        let f = FileStorage::create(&path, 1 << 20, engine).unwrap();
+        f.write_at(0, Bytes::from(vec![7u8; 1 << 20]))
+            .await
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(300_000)
+            .unwrap();
+        let ok = f.read_bytes(0, 300_000).await.unwrap();
+        assert!(ok.iter().all(|&b| b == 7), "{engine:?}");
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            f.read_at(0, BytesMut::zeroed(1 << 20)),
+        )
+        .await
+        .expect("short read hung")
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{engine:?}: {e}");
+        assert!(e.to_string().contains("1048576"), "{engine:?}: {e}");
+        f.close().await.unwrap();
+    }
+}

@@ -8,8 +8,9 @@
 //!
 //! [`Engine::Auto`] probes io_uring once per process (the result is cached)
 //! and falls back to the blocking engine when it is unavailable (old kernel,
-//! seccomp profile, missing opcodes, or the crate built without the `uring`
-//! feature).
+//! seccomp profile, missing opcodes, the crate built without the `uring`
+//! feature, or the environment variable `SILO_URING=off` set before the
+//! first probe).
 //!
 //! # O_DIRECT
 //!

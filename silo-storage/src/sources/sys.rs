@@ -343,6 +343,9 @@ pub(crate) mod uring {
 
     fn rings() -> Result<&'static [&'static Ring], String> {
         let rings = RINGS.get_or_init(|| {
+            if std::env::var("SILO_URING").is_ok_and(|v| v == "off") {
+                return Err("io_uring disabled by SILO_URING=off".into());
+            }
             let n = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
