@@ -1,9 +1,10 @@
 //! [`WriteCache`]: a write-back cache that coalesces writes in memory and
 //! writes them to the inner provider later.
 //!
-//! * **Writes** are kept per block as a list of pieces (`Bytes` slices of
-//!   the caller's buffers, no copy); a newer piece drops the older pieces it
-//!   covers completely. When the cached bytes would exceed `max_data`, the
+//! * **Writes** are copied and kept per block as a list of pieces; a newer
+//!   piece drops the older pieces it covers completely. (Copies, so that the
+//!   memory held is exactly the bytes counted: a slice of the caller's
+//!   buffer would keep that whole buffer alive.) When the cached bytes would exceed `max_data`, the
 //!   writer first flushes the largest blocks until at most `min_data` bytes
 //!   remain (backpressure), so memory stays bounded by `max_data` plus one
 //!   write.
@@ -160,9 +161,12 @@ impl<P: Provider> Shared<P> {
     fn insert(&self, offset: u64, data: &Bytes) {
         let mut s = self.state.lock();
         for p in pieces(&self.layout, offset, data.len() as u64) {
+            // A copy, not a slice: a slice would keep the caller's whole
+            // buffer (possibly a large network buffer) alive for as long as
+            // any piece of it stays cached, breaking the memory bound.
             let new = CachedPiece {
                 offset: p.offset,
-                data: data.slice(p.buf_off..p.buf_off + p.len),
+                data: Bytes::copy_from_slice(&data[p.buf_off..p.buf_off + p.len]),
             };
             let (a, b) = (p.offset, p.offset + p.len as u64);
             let e = s.dirty.entry(p.block).or_default();
@@ -195,13 +199,13 @@ impl<P: Provider> Shared<P> {
                 if qa < a {
                     kept.push(CachedPiece {
                         offset: qa,
-                        data: q.data.slice(..(a - qa) as usize),
+                        data: Bytes::copy_from_slice(&q.data[..(a - qa) as usize]),
                     });
                 }
                 if qb > b {
                     kept.push(CachedPiece {
                         offset: b,
-                        data: q.data.slice((b - qa) as usize..),
+                        data: Bytes::copy_from_slice(&q.data[(b - qa) as usize..]),
                     });
                 }
             }
