@@ -1,0 +1,106 @@
+//! Helpers shared by the device-group tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use silo_devicegroup::{DeviceGroup, DeviceSchema, ReceiveOptions, ReceivePolicy};
+use silo_protocol::{Config, Connection};
+use silo_storage::{DynProvider, Provider};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Connects two protocol endpoints over real TCP on 127.0.0.1.
+pub async fn tcp_pair() -> (Connection, Connection) {
+    tcp_pair_with(Config::default()).await
+}
+
+/// [`tcp_pair`] with a transport configuration.
+pub async fn tcp_pair_with(config: Config) -> (Connection, Connection) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let c2 = config.clone();
+    let accept = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, w) = s.into_split();
+        Connection::from_split(r, w, c2).await.unwrap()
+    });
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let (r, w) = s.into_split();
+    let a = Connection::from_split(r, w, config).await.unwrap();
+    (a, accept.await.unwrap())
+}
+
+/// Starts receiving a group on `conn` with the default policy over `base`
+/// and a tweak that moves every path into `base`.
+pub fn spawn_receiver(
+    conn: Connection,
+    base: std::path::PathBuf,
+) -> tokio::task::JoinHandle<silo_devicegroup::Result<Arc<DeviceGroup>>> {
+    tokio::spawn(async move {
+        let policy = ReceivePolicy::new(&base);
+        DeviceGroup::new_from_protocol(
+            conn,
+            move |_, s: DeviceSchema| silo_devicegroup::rewrite_paths_into(s, &base),
+            ReceiveOptions::new(policy),
+        )
+        .await
+    })
+}
+
+/// SHA-256 of a whole provider, hex.
+pub async fn sha(p: &DynProvider) -> String {
+    silo_storage::hash::to_hex(&silo_storage::hash::sha256(p.as_ref()).await.unwrap())
+}
+
+/// Writes `len` bytes of pseudo-random data (seeded) at `offset`.
+pub async fn write_pattern(p: &DynProvider, offset: u64, len: usize, seed: u64) {
+    try_write_pattern(p, offset, len, seed).await.unwrap()
+}
+
+/// [`write_pattern`] returning the error.
+pub async fn try_write_pattern(
+    p: &DynProvider,
+    offset: u64,
+    len: usize,
+    seed: u64,
+) -> silo_storage::Result<()> {
+    use silo_storage::ProviderExt;
+    let mut v = vec![0u8; len];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for b in v.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    p.write_slice(offset, &v).await
+}
+
+/// A writer task that writes small random chunks all over `p` until stopped
+/// (or a write fails, e.g. the device was closed). Returns the number of
+/// writes done.
+pub fn spawn_writer(
+    p: DynProvider,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pause: Duration,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut n = 0u64;
+        let size = p.size();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let len = rng.gen_range(1..=8192u64).min(size) as usize;
+            let off = rng.gen_range(0..=size - len as u64);
+            if try_write_pattern(&p, off, len, rng.gen()).await.is_err() {
+                break;
+            }
+            n += 1;
+            tokio::time::sleep(pause).await;
+        }
+        n
+    })
+}
