@@ -146,6 +146,7 @@ where
 
 /// How two providers differ.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Difference {
     /// Indices of the blocks that differ, ascending.
     pub blocks: Vec<u64>,

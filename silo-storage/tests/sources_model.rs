@@ -208,7 +208,7 @@ async fn run(kind: Kind, acts: Vec<Act>) -> Result<(), TestCaseError> {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 48,
+        cases: 128,
         ..ProptestConfig::default()
     }
 }
@@ -217,22 +217,22 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn memory_matches_model(acts in prop::collection::vec(act(), 1..40)) {
+    fn memory_matches_model(acts in prop::collection::vec(act(), 1..60)) {
         rt().block_on(run(Kind::Memory, acts))?;
     }
 
     #[test]
-    fn file_uring_matches_model(acts in prop::collection::vec(act(), 1..40)) {
+    fn file_uring_matches_model(acts in prop::collection::vec(act(), 1..60)) {
         rt().block_on(run(Kind::Uring, acts))?;
     }
 
     #[test]
-    fn file_blocking_matches_model(acts in prop::collection::vec(act(), 1..40)) {
+    fn file_blocking_matches_model(acts in prop::collection::vec(act(), 1..60)) {
         rt().block_on(run(Kind::Blocking, acts))?;
     }
 
     #[test]
-    fn sparse_matches_model(acts in prop::collection::vec(act(), 1..40)) {
+    fn sparse_matches_model(acts in prop::collection::vec(act(), 1..60)) {
         rt().block_on(run(Kind::Sparse, acts))?;
     }
 }

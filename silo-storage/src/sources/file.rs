@@ -135,8 +135,10 @@ pub struct UringStats {
     pub submitted: u64,
 }
 
-/// How to open a [`FileStorage`].
+/// How to open a [`FileStorage`]: start from [`FileOptions::engine`] (or
+/// `default()`) and adjust with the `with_*` methods.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileOptions {
     /// The I/O engine.
     pub engine: Engine,

@@ -84,6 +84,7 @@ const TRIMMED_BIT: u64 = 1 << 63;
 
 /// What [`SparseFile::open`] found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryStats {
     /// Records holding data.
     pub data: u64,
