@@ -42,6 +42,54 @@
 //! * **Memory** is bounded by (sum of the concurrency limits) × block size:
 //!   one buffer per in-flight block, recycled through a small pool when the
 //!   destination has released it.
+//!
+//! # Example: a source stack, a lazily filled destination, a cut-over
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use silo_storage::dirty::dirty_tracker;
+//! use silo_storage::migrator::{Migrator, MigratorConfig};
+//! use silo_storage::order::{BlockOrder, PriorityOrder};
+//! use silo_storage::volatility::VolatilityMonitor;
+//! use silo_storage::waiting::{waiting_cache, WaitingConfig};
+//! use silo_storage::{DynProvider, MemoryStorage, ProviderExt};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! const BS: u64 = 64 * 1024;
+//! let size = 4 << 20;
+//! // Source: application → volatility monitor → dirty tracker → memory.
+//! let (local, remote) = dirty_tracker(Arc::new(MemoryStorage::new(size)), BS)?;
+//! let vol = Arc::new(VolatilityMonitor::new(Arc::new(local), BS, Duration::from_secs(60))?);
+//! let app: DynProvider = vol.clone();
+//! app.write_slice(12345, b"hello").await?;
+//!
+//! // Destination: users read through the waiting cache while blocks arrive.
+//! let (dest_local, dest_remote) =
+//!     waiting_cache(Arc::new(MemoryStorage::new(size)), BS, WaitingConfig::default())?;
+//!
+//! let order = Arc::new(PriorityOrder::new(vol.clone()));
+//! order.add_all();
+//! let m = Migrator::new(Arc::new(remote.clone()), Arc::new(dest_remote), order, MigratorConfig::new(BS))?;
+//! m.set_dirty_source(Arc::new(remote));
+//! // "need" from the destination → priority at the source (over the wire in real use).
+//! let m2 = m.clone();
+//! dest_local.set_need_handler(Arc::new(move |off, len| m2.need_at(off, len)));
+//!
+//! m.migrate_all().await?;
+//! app.write_slice(0, b"late write").await?;
+//! loop {
+//!     m.wait_for_completion().await?;
+//!     match m.get_latest_dirty().await? {
+//!         None => break,
+//!         Some(blocks) => { m.migrate_dirty(&blocks).await?; }
+//!     }
+//! }
+//! assert_eq!(&dest_local.read_bytes(0, 10).await?[..], b"late write");
+//! assert_eq!(&dest_local.read_bytes(12345, 5).await?[..], b"hello");
+//! # Ok::<(), silo_storage::Error>(())
+//! # }).unwrap();
+//! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

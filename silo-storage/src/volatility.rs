@@ -40,11 +40,32 @@ use crate::provider::{Capabilities, DynProvider, Provider};
 /// Number of time slots the window is divided into.
 pub const SLOTS: u64 = 8;
 
+/// A multiplicative hasher for block indices (the slot maps are on the
+/// write path; SipHash's DoS resistance buys nothing for our own indices).
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+
+impl std::hash::Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type SlotMap = HashMap<u64, u32, std::hash::BuildHasherDefault<BlockHasher>>;
+
 struct State {
     /// Writes per block within the window.
     counts: Vec<u32>,
     /// (slot index, writes per block during that slot), oldest first.
-    slots: VecDeque<(u64, HashMap<u64, u32>)>,
+    slots: VecDeque<(u64, SlotMap)>,
     /// Pending blocks with a non-zero count.
     busy: BTreeSet<(u32, u64)>,
     /// Writes within the window, device-wide.
@@ -144,7 +165,7 @@ impl VolatilityMonitor {
         let mut st = self.state.lock();
         self.advance(&mut st, now);
         if st.slots.back().map(|s| s.0) != Some(now) {
-            st.slots.push_back((now, HashMap::new()));
+            st.slots.push_back((now, SlotMap::default()));
         }
         for b in blocks {
             *st.slots
