@@ -1,7 +1,424 @@
-//! Benchmarks of the nbd group (not written yet).
+//! Benchmarks of the nbd group: silo-nbd beside `qemu-nbd` and `nbdkit`,
+//! measured in the same run, serving the same backing.
+//!
+//! Backings (1 GiB, 256 MiB with `--quick`):
+//! * **memory**: silo `MemoryStorage`; `nbdkit memory`; `qemu-nbd` on a raw
+//!   file in `/dev/shm` (tmpfs: its page cache is memory).
+//! * **file**: a fresh sparse raw file on disk per server (buffered I/O for
+//!   all three); silo uses `FileStorage` (engine `Auto`: io_uring if allowed).
+//!
+//! Workloads, one server at a time, in this order (so reads see real data):
+//! 1. `nbdcopy --no-extents SRC URI`: sequential write of random data from a
+//!    tmpfs file (MB/s).
+//! 2. `nbdcopy --no-extents URI null:`: sequential read (MB/s).
+//! 3. `fio --ioengine=nbd --rw=randrw --bs=4k --iodepth=32`: read + write IOPS.
+//! 4. the same at `--iodepth=1`: mean completion latency of reads and writes
+//!    (µs, lower is better).
+//!
+//! nbdcopy uses its defaults (4 connections when the server allows
+//! multi-conn, 64 requests in flight); qemu-nbd gets `--shared=16` so it
+//! accepts those connections. Every row is silo beside one peer (two rows
+//! per measurement); the target is "> 1" (ahead of the peer).
+
+#![allow(clippy::print_stdout)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use silo_nbd::{Export, Server, ServerConfig};
+use silo_storage::sources::{Engine, FileStorage};
+use silo_storage::{DynProvider, MemoryStorage};
 
 use crate::report::Report;
 use crate::Opts;
 
-/// Runs the nbd benchmarks.
-pub fn run(_opts: &Opts, _report: &mut Report, _rt: &tokio::runtime::Runtime) {}
+const GROUP: &str = "nbd";
+const TARGET: &str = "> 1× (ahead)";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    Memory,
+    File,
+}
+
+impl Backing {
+    fn label(self) -> &'static str {
+        match self {
+            Backing::Memory => "memory",
+            Backing::File => "file",
+        }
+    }
+}
+
+/// Figures of one server on one backing.
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    write_mbs: f64,
+    read_mbs: f64,
+    qd32_iops: f64,
+    qd1_read_us: f64,
+    qd1_write_us: f64,
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, child: &mut Option<Child>) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(c) = child.as_mut() {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Err(format!("server exited early: {s}"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("port {port} never opened"))
+}
+
+/// Runs a command, returning stdout or a description of the failure.
+fn run_cmd(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The first number after the anchors, in order, in fio's JSON output.
+fn json_number(s: &str, anchors: &[&str]) -> Option<f64> {
+    let mut pos = 0;
+    for a in anchors {
+        pos += s[pos..].find(a)? + a.len();
+    }
+    let rest = s[pos..].trim_start_matches([' ', ':']);
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == '+'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn fio(uri: &str, size: u64, qd: u32, runtime: u64) -> Result<(f64, f64, f64), String> {
+    let out = run_cmd(Command::new("fio").args([
+        "--name=nbd",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randrw",
+        "--bs=4k",
+        &format!("--iodepth={qd}"),
+        &format!("--size={size}"),
+        &format!("--runtime={runtime}"),
+        "--time_based",
+        "--randrepeat=1",
+        "--output-format=json",
+    ]))?;
+    let riops = json_number(&out, &["\"read\" : {", "\"iops\" :"]).ok_or("no read iops")?;
+    let wiops = json_number(&out, &["\"write\" : {", "\"iops\" :"]).ok_or("no write iops")?;
+    let rlat = json_number(&out, &["\"read\" : {", "\"lat_ns\" : {", "\"mean\" :"])
+        .ok_or("no read latency")?;
+    let wlat = json_number(&out, &["\"write\" : {", "\"lat_ns\" : {", "\"mean\" :"])
+        .ok_or("no write latency")?;
+    Ok((riops + wiops, rlat / 1000.0, wlat / 1000.0))
+}
+
+fn nbdcopy_mbs(args: &[&str], bytes: u64) -> Result<f64, String> {
+    let start = Instant::now();
+    run_cmd(Command::new("nbdcopy").arg("--no-extents").args(args))?;
+    Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+fn measure(uri: &str, src: &Path, size: u64, runtime: u64) -> Result<Figures, String> {
+    let write_mbs = nbdcopy_mbs(&[src.to_str().expect("utf-8 path"), uri], size)?;
+    let read_mbs = nbdcopy_mbs(&[uri, "null:"], size)?;
+    let (qd32_iops, _, _) = fio(uri, size, 32, runtime)?;
+    let (_, qd1_read_us, qd1_write_us) = fio(uri, size, 1, runtime)?;
+    Ok(Figures {
+        write_mbs,
+        read_mbs,
+        qd32_iops,
+        qd1_read_us,
+        qd1_write_us,
+    })
+}
+
+/// A peer server process, killed (by its own pid) when dropped.
+struct Peer(Option<Child>);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_peer(cmd: &mut Command, port: u16) -> Result<Peer, String> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    let mut c = Some(child);
+    wait_for_port(port, &mut c)?;
+    Ok(Peer(c))
+}
+
+fn silo(
+    rt: &tokio::runtime::Runtime,
+    backing: Backing,
+    dir: &Path,
+    src: &Path,
+    size: u64,
+    runtime: u64,
+) -> Result<Figures, String> {
+    let provider: DynProvider = match backing {
+        Backing::Memory => Arc::new(MemoryStorage::new(size)),
+        Backing::File => Arc::new(
+            FileStorage::create(dir.join("silo.raw"), size, Engine::Auto)
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let server = Server::new(ServerConfig::default());
+    server
+        .add_export(Export::new("disk", provider))
+        .map_err(|e| e.to_string())?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let s = server.clone();
+    let task = rt.spawn(async move { s.serve_tcp(listener).await });
+    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    rt.block_on(server.shutdown());
+    let _ = rt.block_on(task);
+    let _ = std::fs::remove_file(dir.join("silo.raw"));
+    res
+}
+
+fn qemu_nbd(
+    backing: Backing,
+    dir: &Path,
+    shm: &Path,
+    src: &Path,
+    size: u64,
+    runtime: u64,
+) -> Result<Figures, String> {
+    let path: PathBuf = match backing {
+        Backing::Memory => shm.join("qemu.raw"),
+        Backing::File => dir.join("qemu.raw"),
+    };
+    let f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    f.set_len(size).map_err(|e| e.to_string())?;
+    drop(f);
+    let port = free_port();
+    let peer = spawn_peer(
+        Command::new("qemu-nbd").args([
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "--shared=16",
+            path.to_str().expect("utf-8 path"),
+        ]),
+        port,
+    )?;
+    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    drop(peer);
+    let _ = std::fs::remove_file(&path);
+    res
+}
+
+fn nbdkit(
+    backing: Backing,
+    dir: &Path,
+    src: &Path,
+    size: u64,
+    runtime: u64,
+) -> Result<Figures, String> {
+    let port = free_port();
+    let path = dir.join("nbdkit.raw");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args([
+        "-f",
+        "--exit-with-parent",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-e",
+        "disk",
+    ]);
+    match backing {
+        Backing::Memory => {
+            cmd.args(["memory", &size.to_string()]);
+        }
+        Backing::File => {
+            let f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+            f.set_len(size).map_err(|e| e.to_string())?;
+            cmd.arg("file").arg(&path);
+        }
+    }
+    let peer = spawn_peer(&mut cmd, port)?;
+    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    drop(peer);
+    let _ = std::fs::remove_file(&path);
+    res
+}
+
+fn rows(report: &mut Report, backing: Backing, ours: &Figures, peer: &str, theirs: &Figures) {
+    let b = backing.label();
+    report.add(
+        GROUP,
+        &format!("{b}: nbdcopy sequential write"),
+        ours.write_mbs,
+        peer,
+        theirs.write_mbs,
+        "MB/s",
+        true,
+        TARGET,
+    );
+    report.add(
+        GROUP,
+        &format!("{b}: nbdcopy sequential read"),
+        ours.read_mbs,
+        peer,
+        theirs.read_mbs,
+        "MB/s",
+        true,
+        TARGET,
+    );
+    report.add(
+        GROUP,
+        &format!("{b}: fio 4 KiB randrw QD32 (r+w)"),
+        ours.qd32_iops,
+        peer,
+        theirs.qd32_iops,
+        "IOPS",
+        true,
+        TARGET,
+    );
+    report.add(
+        GROUP,
+        &format!("{b}: fio 4 KiB randrw QD1 read latency"),
+        ours.qd1_read_us,
+        peer,
+        theirs.qd1_read_us,
+        "µs",
+        false,
+        TARGET,
+    );
+    report.add(
+        GROUP,
+        &format!("{b}: fio 4 KiB randrw QD1 write latency"),
+        ours.qd1_write_us,
+        peer,
+        theirs.qd1_write_us,
+        "µs",
+        false,
+        TARGET,
+    );
+}
+
+/// Runs the nbd benchmarks, failing on the first error.
+fn run_group(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    for tool in ["nbdcopy", "fio", "qemu-nbd", "nbdkit"] {
+        if !have(tool) {
+            return Err(format!(
+                "{tool} is not installed (cargo xtask setup installs it)"
+            ));
+        }
+    }
+    let size: u64 = if opts.quick { 256 << 20 } else { 1 << 30 };
+    let runtime: u64 = if opts.quick { 3 } else { 15 };
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let shm = tempfile::tempdir_in("/dev/shm").map_err(|e| e.to_string())?;
+    // Source of the write benchmark: random data on tmpfs.
+    let src = shm.path().join("src.raw");
+    {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut f = std::fs::File::create(&src).map_err(|e| e.to_string())?;
+        for _ in 0..size >> 20 {
+            rng.fill_bytes(&mut buf);
+            std::io::Write::write_all(&mut f, &buf).map_err(|e| e.to_string())?;
+        }
+    }
+    for backing in [Backing::Memory, Backing::File] {
+        println!("nbd: {} backing, {} MiB", backing.label(), size >> 20);
+        let ours = silo(rt, backing, dir.path(), &src, size, runtime)?;
+        let qemu = qemu_nbd(backing, dir.path(), shm.path(), &src, size, runtime)?;
+        let kit = nbdkit(backing, dir.path(), &src, size, runtime)?;
+        println!("  silo {ours:?}\n  qemu-nbd {qemu:?}\n  nbdkit {kit:?}");
+        rows(report, backing, &ours, "qemu-nbd", &qemu);
+        rows(report, backing, &ours, "nbdkit", &kit);
+    }
+    report.note(
+        GROUP,
+        &format!(
+            "Each server in turn serves a {} MiB export on 127.0.0.1; nbdcopy (libnbd defaults, `--no-extents`) \
+writes random data from tmpfs then reads it to `null:`; fio's nbd engine runs 4 KiB randrw for {runtime} s at QD32 \
+(sum of read and write IOPS) and QD1 (mean completion latency). Memory backing: silo MemoryStorage, `nbdkit memory`, \
+qemu-nbd on a tmpfs file. File backing: a fresh sparse file on disk per server, buffered I/O (silo FileStorage, \
+engine Auto). Peers: qemu-nbd `-t --shared=16`, nbdkit defaults (16 threads).",
+            size >> 20
+        ),
+    );
+    Ok(())
+}
+
+/// Runs the nbd benchmarks (entry point used by `main`).
+pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
+    if let Err(e) = run_group(opts, report, rt) {
+        println!("nbd: benchmark failed: {e}");
+        report.note(GROUP, &format!("The nbd benchmarks did not complete: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_number;
+
+    #[test]
+    fn parses_fio_json() {
+        let s = r#"{"jobs" : [ { "read" : { "io_bytes" : 1, "iops" : 123.5, "clat_ns" : { "mean" : 9.0 }, "lat_ns" : { "min" : 1, "mean" : 2500.0 } }, "write" : { "iops" : 7, "lat_ns" : { "mean" : 1e3 } } } ] }"#;
+        assert_eq!(json_number(s, &["\"read\" : {", "\"iops\" :"]), Some(123.5));
+        assert_eq!(
+            json_number(s, &["\"read\" : {", "\"lat_ns\" : {", "\"mean\" :"]),
+            Some(2500.0)
+        );
+        assert_eq!(
+            json_number(s, &["\"write\" : {", "\"lat_ns\" : {", "\"mean\" :"]),
+            Some(1000.0)
+        );
+        assert_eq!(json_number(s, &["\"trim\" : {"]), None);
+    }
+}

@@ -1,9 +1,11 @@
 //! The async server: accept loops, handshake driver and the transmission
 //! loop (one reader, one writer task, one task per request).
 
+use std::future::Future;
 use std::io::IoSlice;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -351,6 +353,61 @@ where
     .await
 }
 
+/// Read buffers of one connection, reused once their reply is written:
+/// no allocation, page faults or zero-filling per read on the hot path.
+/// Holds at most [`BufPool::MAX_BYTES`], buffers up to [`BufPool::MAX_BUF`].
+#[derive(Default)]
+struct BufPool {
+    free: parking_lot::Mutex<(Vec<BytesMut>, usize)>,
+}
+
+impl BufPool {
+    const MAX_BYTES: usize = 16 << 20;
+    const MAX_BUF: usize = 4 << 20;
+
+    /// A buffer of exactly `len` initialised bytes (contents unspecified:
+    /// providers overwrite all of it, and on error it is not sent).
+    fn get(&self, len: usize) -> BytesMut {
+        let reused = {
+            let mut free = self.free.lock();
+            match free.0.iter().position(|b| b.capacity() >= len) {
+                Some(i) => {
+                    let b = free.0.swap_remove(i);
+                    free.1 -= b.capacity();
+                    Some(b)
+                }
+                None => None,
+            }
+        };
+        match reused {
+            Some(mut b) => {
+                if b.len() >= len {
+                    b.truncate(len);
+                } else {
+                    b.resize(len, 0);
+                }
+                b
+            }
+            None => BytesMut::zeroed(len),
+        }
+    }
+
+    /// Takes a buffer back if nobody else holds it and it fits the bounds.
+    fn put(&self, data: Bytes) {
+        if data.len() > Self::MAX_BUF || data.is_empty() {
+            return;
+        }
+        let Ok(b) = data.try_into_mut() else {
+            return;
+        };
+        let mut free = self.free.lock();
+        if free.1 + b.capacity() <= Self::MAX_BYTES {
+            free.1 += b.capacity();
+            free.0.push(b);
+        }
+    }
+}
+
 /// A reply queued for the writer: header, optional payload, and the
 /// in-flight permit released once it is written.
 struct Outgoing {
@@ -405,7 +462,8 @@ where
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_dead = CancellationToken::new();
-    let writer = tokio::spawn(writer_loop(w, rx, writer_dead.clone()));
+    let pool = Arc::new(BufPool::default());
+    let writer = tokio::spawn(writer_loop(w, rx, writer_dead.clone(), pool.clone()));
     let mut decoder = RequestDecoder::new(&export.info);
     let mut draining = false;
 
@@ -445,12 +503,27 @@ where
                         .await
                         .expect("semaphore never closed");
                     let export = export.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut out = execute(&export, cmd, cookie, kind, structured).await;
+                    let pool = pool.clone();
+                    let mut fut = Box::pin(async move {
+                        let mut out = execute(&export, &pool, cmd, cookie, kind, structured).await;
                         out._permit = Some(permit);
-                        let _ = tx.send(out);
+                        out
                     });
+                    // Poll once right here: a provider that answers without
+                    // waiting (memory, cached data) costs no task hop; one
+                    // that has to wait continues on its own task, so it
+                    // never holds up the requests behind it.
+                    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                        Poll::Ready(out) => {
+                            let _ = tx.send(out);
+                        }
+                        Poll::Pending => {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(fut.await);
+                            });
+                        }
+                    }
                 }
             }
             continue;
@@ -458,7 +531,7 @@ where
         if draining {
             break Ok(());
         }
-        let want = decoder.wanted(&buf).max(64 * 1024);
+        let want = decoder.wanted(&buf).max(256 * 1024);
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
@@ -499,6 +572,7 @@ async fn writer_loop<W>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     dead: CancellationToken,
+    pool: Arc<BufPool>,
 ) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
@@ -522,7 +596,11 @@ where
                 }
             }
             write_all_vectored(&mut w, &mut parts).await?;
-            batch.clear();
+            for o in batch.drain(..) {
+                if let Some(d) = o.data {
+                    pool.put(d);
+                }
+            }
         }
         w.flush().await?;
         w.shutdown().await
@@ -573,6 +651,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 /// Runs one validated command against the provider and builds its reply.
 async fn execute(
     export: &Export,
+    pool: &BufPool,
     cmd: Command,
     cookie: u64,
     kind: u16,
@@ -586,7 +665,7 @@ async fn execute(
     let res: silo_storage::Result<Outgoing> = async {
         match cmd {
             Command::Read { offset, len } => {
-                let buf = p.read_at(offset, BytesMut::zeroed(len as usize)).await?;
+                let buf = p.read_at(offset, pool.get(len as usize)).await?;
                 m.reads.fetch_add(1, Ordering::Relaxed);
                 m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
                 let head = if !structured {
@@ -653,13 +732,14 @@ async fn execute(
             Command::Cache { offset, len } => {
                 const CHUNK: u64 = 1 << 20;
                 let mut done = 0u64;
-                let mut buf = BytesMut::new();
+                let mut buf = pool.get(CHUNK.min(u64::from(len)) as usize);
                 while done < u64::from(len) {
                     let n = (u64::from(len) - done).min(CHUNK) as usize;
                     buf.resize(n, 0);
                     buf = p.read_at(offset + done, buf).await?;
                     done += n as u64;
                 }
+                pool.put(buf.freeze());
                 m.caches.fetch_add(1, Ordering::Relaxed);
                 Ok(ok())
             }
@@ -706,4 +786,35 @@ async fn execute(
 /// A structured reply with no data (`NONE` chunk, `DONE`), for zero-length reads.
 fn structured_done(cookie: u64) -> ReplyHead {
     crate::transmission::structured_none(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_reuses_and_stays_bounded() {
+        let pool = BufPool::default();
+        let b = pool.get(4096);
+        assert_eq!(b.len(), 4096);
+        let ptr = b.as_ptr();
+        pool.put(b.freeze());
+        let again = pool.get(1000);
+        assert_eq!(again.len(), 1000);
+        assert_eq!(again.as_ptr(), ptr, "buffer reused");
+        let bigger = {
+            pool.put(again.freeze());
+            pool.get(8192)
+        };
+        assert_eq!(bigger.len(), 8192);
+        // A shared buffer is not taken back; oversized ones neither.
+        let shared = BytesMut::zeroed(100).freeze();
+        let _other = shared.clone();
+        pool.put(shared);
+        pool.put(BytesMut::zeroed(BufPool::MAX_BUF + 1).freeze());
+        for _ in 0..64 {
+            pool.put(BytesMut::zeroed(BufPool::MAX_BUF).freeze());
+        }
+        assert!(pool.free.lock().1 <= BufPool::MAX_BYTES);
+    }
 }
