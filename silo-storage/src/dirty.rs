@@ -57,6 +57,10 @@ pub trait DirtySource: Send + Sync {
     /// Snapshots and clears the dirty set; returns the dirty blocks
     /// ascending. Each returned block must be re-read by the caller.
     fn take_dirty(&self) -> Vec<u64>;
+
+    /// Puts blocks back into the dirty set (a caller that took them but
+    /// decided not to send them now must not lose them).
+    fn restore_dirty(&self, blocks: &[u64]);
 }
 
 /// Counters of a dirty tracker.
@@ -366,6 +370,12 @@ impl DirtySource for DirtyTrackerRemote {
             self.s.forget(b);
         }
         blocks
+    }
+
+    fn restore_dirty(&self, blocks: &[u64]) {
+        for &b in blocks {
+            self.s.dirty.set(b);
+        }
     }
 }
 

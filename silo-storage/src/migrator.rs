@@ -571,6 +571,20 @@ impl Migrator {
     /// Migrates every pending block of the order and waits for the
     /// transfers (including blocks added to the order meanwhile).
     pub async fn migrate_all(&self) -> Result<()> {
+        let t = Instant::now();
+        let r = self.migrate_all_inner().await;
+        let p = self.progress();
+        tracing::info!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            blocks = p.blocks_sent,
+            bytes = p.bytes_sent,
+            ok = r.is_ok(),
+            "migrator: bulk pass done"
+        );
+        r
+    }
+
+    async fn migrate_all_inner(&self) -> Result<()> {
         loop {
             if let Err(e) = self.migrate(u64::MAX).await {
                 // Let in-flight transfers wind down (they stop promptly on
@@ -627,12 +641,23 @@ impl Migrator {
         for &b in &blocks {
             self.inner.clean.clear(b);
         }
-        tracing::debug!(dirty = blocks.len(), "migrator: dirty snapshot");
+        tracing::info!(dirty = blocks.len(), "migrator: dirty snapshot");
         if blocks.is_empty() {
             return Ok(None);
         }
         self.unlock().await;
         Ok(Some(blocks))
+    }
+
+    /// Gives blocks returned by [`Migrator::get_latest_dirty`] back to the
+    /// dirty source without sending them (e.g. a hook decided to wait for
+    /// the next round); they come back in the next snapshot.
+    pub fn requeue_dirty(&self, blocks: &[u64]) -> Result<()> {
+        let src = self.inner.handlers.read().dirty.clone().ok_or_else(|| {
+            Error::Invalid("requeue_dirty needs a dirty source (set_dirty_source)".into())
+        })?;
+        src.restore_dirty(blocks);
+        Ok(())
     }
 
     /// Releases the lock taken by [`Migrator::get_latest_dirty`] (no-op if

@@ -30,7 +30,9 @@
 //!   (a newer version is on its way); locally written blocks stay present.
 //! * Waits never hang forever: [`WaitingCacheLocal::fail_all`] (called when
 //!   the connection drops, or by `close`) wakes every waiter with an error,
-//!   and an optional timeout bounds each wait.
+//!   and an optional timeout bounds each wait. After a timeout the block's
+//!   request is forgotten, so the next reader emits *need* again. Dropping
+//!   a read's future cancels its wait.
 //!
 //! The need / don't-need handlers are called synchronously on the I/O path
 //! and must not block (push to a channel or spawn).
@@ -267,6 +269,21 @@ impl Shared {
                 Some(t) => {
                     let left = t.saturating_sub(start.elapsed());
                     if tokio::time::timeout(left, all).await.is_err() {
+                        // Forget the requests of the blocks still missing,
+                        // so the next reader asks the source again (the
+                        // need may have been lost) instead of waiting on a
+                        // request nobody serves.
+                        let stale: Vec<Arc<Notify>> = {
+                            let mut w = self.waiters.lock();
+                            blocks
+                                .iter()
+                                .filter(|&&b| !self.present(b))
+                                .filter_map(|b| w.map.remove(b))
+                                .collect()
+                        };
+                        for n in stale {
+                            n.notify_waiters();
+                        }
                         return Err(Error::Timeout {
                             what: format!("blocks {:?} from the migration source", blocks),
                             after: t,

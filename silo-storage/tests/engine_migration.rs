@@ -842,6 +842,9 @@ async fn waiting_cache_fail_all_and_timeout() {
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(local.metrics().failed_waits, 1);
+    // The request is retried by the next reader (the need may have been lost).
+    assert!(local.read_bytes(0, 10).await.is_err());
+    assert_eq!(local.metrics().needs, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -994,4 +997,34 @@ async fn syncer_write_during_upload_is_not_safe() {
     assert_eq!(safe[2], (2, h2));
     assert_eq!(sha(&*base).await, sha(&*dest_mem).await);
     let _ = remote.take_dirty();
+}
+
+#[tokio::test]
+async fn dirty_blocks_can_be_requeued() {
+    let base: DynProvider = Arc::new(MemoryStorage::new(8 * BS));
+    let (local, remote) = dirty_tracker(base.clone(), BS).unwrap();
+    let order = Arc::new(AnyOrder::new(8));
+    order.add_all();
+    let dest: DynProvider = Arc::new(MemoryStorage::new(8 * BS));
+    let m = Migrator::new(Arc::new(remote.clone()), dest.clone(), order, cfg()).unwrap();
+    assert_eq!(
+        m.get_latest_dirty().await.unwrap_err().kind(),
+        ErrorKind::Invalid,
+        "no dirty source set"
+    );
+    m.set_dirty_source(Arc::new(remote.clone()));
+    m.migrate_all().await.unwrap();
+    local.write_slice(3 * BS + 1, &[1, 2, 3]).await.unwrap();
+    local.write_slice(6 * BS, &[4]).await.unwrap();
+    let d = m.get_latest_dirty().await.unwrap().unwrap();
+    assert_eq!(d, vec![3, 6]);
+    assert_eq!(m.progress().dirty_blocks, 2);
+    // A hook decides to wait: the blocks are not lost.
+    m.requeue_dirty(&d).unwrap();
+    let d2 = m.get_latest_dirty().await.unwrap().unwrap();
+    assert_eq!(d2, d);
+    m.migrate_dirty(&d2).await.unwrap();
+    m.wait_for_completion().await.unwrap();
+    assert!(m.get_latest_dirty().await.unwrap().is_none());
+    assert_eq!(sha(&*base).await, sha(&*dest).await);
 }
