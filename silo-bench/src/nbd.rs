@@ -163,6 +163,13 @@ fn measure(uri: &str, src: &Path, size: u64, runtime: u64) -> Result<Figures, St
     })
 }
 
+/// Creates (or truncates) a sparse file of `size` bytes.
+fn sparse_file(path: &Path, size: u64) -> Result<(), String> {
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(size)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A peer server process, killed (by its own pid) when dropped.
 struct Peer(Option<Child>);
 
@@ -230,9 +237,7 @@ fn qemu_nbd(
         Backing::Memory => shm.join("qemu.raw"),
         Backing::File => dir.join("qemu.raw"),
     };
-    let f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-    f.set_len(size).map_err(|e| e.to_string())?;
-    drop(f);
+    sparse_file(&path, size)?;
     let port = free_port();
     let peer = spawn_peer(
         Command::new("qemu-nbd").args([
@@ -281,8 +286,7 @@ fn nbdkit(
             cmd.args(["memory", &size.to_string()]);
         }
         Backing::File => {
-            let f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-            f.set_len(size).map_err(|e| e.to_string())?;
+            sparse_file(&path, size)?;
             cmd.arg("file").arg(&path);
         }
     }

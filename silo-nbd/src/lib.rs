@@ -29,6 +29,9 @@
 //! * [`kernel`] attaches an export to `/dev/nbdN`; its syscalls live in one
 //!   small module, the only place with `unsafe` code.
 //!
+//! See `README.md` for a runnable example (it is compiled and run as a doc
+//! test) and `examples/serve_memory.rs`.
+//!
 //! [`Provider`]: silo_storage::Provider
 #![deny(unsafe_code)]
 
@@ -50,3 +53,8 @@ pub use export::{
 };
 pub use server::{Server, ServerConfig};
 pub use tracked::AllocationTracker;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -101,6 +101,50 @@ impl Default for AttachConfig {
     }
 }
 
+impl AttachConfig {
+    /// Uses device `/dev/nbd{index}` instead of letting the kernel choose.
+    pub fn with_index(mut self, index: u32) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    /// Number of connections (at least 1).
+    pub fn with_connections(mut self, n: usize) -> Self {
+        self.connections = n.max(1);
+        self
+    }
+
+    /// Logical block size (512, 1024, 2048 or 4096).
+    pub fn with_block_size(mut self, block_size: u32) -> Self {
+        self.block_size = block_size;
+        self
+    }
+
+    /// Per-request timeout.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Dead-connection timeout (time to [`KernelDevice::reconfigure`]).
+    pub fn with_dead_conn_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.dead_conn_timeout = timeout;
+        self
+    }
+
+    /// Remove the device when it disconnects.
+    pub fn with_destroy_on_disconnect(mut self, destroy: bool) -> Self {
+        self.destroy_on_disconnect = destroy;
+        self
+    }
+
+    /// Kernel interface to use.
+    pub fn with_method(mut self, method: AttachMethod) -> Self {
+        self.method = method;
+        self
+    }
+}
+
 /// Whether this host has the nbd module loaded (`/dev/nbd0` exists).
 pub fn module_loaded() -> bool {
     Path::new("/dev/nbd0").exists()
@@ -515,10 +559,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("smaller than one block"), "{e}");
-        let cfg = AttachConfig {
-            block_size: 1000,
-            ..AttachConfig::default()
-        };
+        let cfg = AttachConfig::default().with_block_size(1000);
         let e = attach(&server, "tiny", &cfg).await.unwrap_err();
         assert!(e.to_string().contains("block size"), "{e}");
     }
