@@ -401,6 +401,21 @@ async fn sparse_torn_records_are_ignored() {
     let s = SparseFile::open(&path).unwrap();
     assert_eq!(s.recovery().torn, 0);
     assert_eq!(s.read_bytes(7 * BS, 4096).await.unwrap(), vec![7u8; 4096]);
+    // A header claiming an absurd size (with a valid check): a clear error,
+    // not an allocation abort.
+    {
+        use sha2::Digest;
+        let mut h = [0u8; 64];
+        h[0..8].copy_from_slice(b"SILOSPF1");
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        h[12..16].copy_from_slice(&512u32.to_le_bytes());
+        h[16..24].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        let c = sha2::Sha256::digest(&h[..24]);
+        h[24..32].copy_from_slice(&c[..8]);
+        std::fs::write(dir.path().join("huge"), h).unwrap();
+        let e = SparseFile::open(dir.path().join("huge")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    }
     // Not a sparse file at all: a clear error.
     std::fs::write(dir.path().join("junk"), vec![1u8; 100]).unwrap();
     let e = SparseFile::open(dir.path().join("junk")).unwrap_err();

@@ -16,6 +16,6 @@ pub mod file;
 pub mod memory;
 pub mod sparse;
 
-pub use file::{Engine, FileOptions, FileStorage};
+pub use file::{Engine, FileOptions, FileStorage, UringStats};
 pub use memory::MemoryStorage;
 pub use sparse::{RecoveryStats, SparseFile};

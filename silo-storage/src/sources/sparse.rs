@@ -126,6 +126,27 @@ fn payload_check(data: &[u8], block_size: usize) -> [u8; 8] {
     out
 }
 
+/// Most blocks a sparse file may have (the in-memory index costs 8 bytes
+/// per block).
+pub const MAX_BLOCKS: u64 = 1 << 32;
+
+/// An all-zero index for `layout`, or a clear error if it is absurdly large
+/// (a corrupt or hostile header must not abort the process).
+fn zeroed_index(path: &Path, layout: &BlockLayout) -> Result<Vec<u64>> {
+    let n = layout.num_blocks();
+    if n > MAX_BLOCKS {
+        return Err(Error::Invalid(format!(
+            "{}: {n} blocks exceed the sparse file limit of {MAX_BLOCKS}",
+            path.display()
+        )));
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n as usize)
+        .map_err(|e| Error::OutOfSpace(format!("{}: index of {n} blocks: {e}", path.display())))?;
+    v.resize(n as usize, 0);
+    Ok(v)
+}
+
 fn record_header(kind: u32, block: u64, payload: [u8; 8]) -> [u8; 32] {
     let mut h = [0u8; 32];
     h[0..4].copy_from_slice(REC_MAGIC);
@@ -187,6 +208,7 @@ impl SparseFile {
                 "sparse file block size {block_size} exceeds {MAX_BLOCK_SIZE}"
             )));
         }
+        zeroed_index(path, &layout)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -258,7 +280,7 @@ impl SparseFile {
             file.set_len(FILE_HEADER + slots * rec)
                 .map_err(|e| open_err(path, e))?;
         }
-        let mut index = vec![0u64; layout.num_blocks() as usize];
+        let mut index = zeroed_index(path, &layout)?;
         let mut buf = vec![0u8; rec as usize];
         let mut free = Vec::new();
         {
@@ -327,6 +349,7 @@ impl SparseFile {
             Some(v) => v.into_iter().map(AtomicU64::new).collect(),
             None => (0..n).map(|_| AtomicU64::new(0)).collect(),
         };
+        debug_assert_eq!(index.len(), n);
         let stored = index
             .iter()
             .filter(|e| {
