@@ -380,6 +380,20 @@ impl FrameDecoder {
     /// Takes the next complete frame out of `src`, if there is one. After an
     /// error the stream is out of sync and must be closed.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        match self.next_body(src)? {
+            Some((header, body)) => Frame::decode_body(&header, body, &self.limits).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`FrameDecoder::decode`] but stops after framing: returns the
+    /// validated header and the (undecoded) body. Errors are header errors
+    /// only, after which the stream is out of sync; body errors are left to
+    /// [`Frame::decode_body`], so a transport can answer them and go on.
+    pub fn next_body(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<(FrameHeader, Bytes)>, DecodeError> {
         let header = match self.header {
             Some(h) => h,
             None => {
@@ -396,7 +410,16 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.header = None;
-        let body = src.split_to(header.len as usize).freeze();
-        Frame::decode_body(&header, body, &self.limits).map(Some)
+        Ok(Some((header, src.split_to(header.len as usize).freeze())))
+    }
+
+    /// True when no partial frame is buffered (a clean place for EOF).
+    pub fn is_idle(&self, src: &BytesMut) -> bool {
+        self.header.is_none() && src.is_empty()
+    }
+
+    /// The header of the frame being assembled, if it has been read.
+    pub fn pending_header(&self) -> Option<FrameHeader> {
+        self.header
     }
 }

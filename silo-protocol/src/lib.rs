@@ -27,6 +27,36 @@
 //!
 //! The byte layouts, handshake, flows and versioning rules are in
 //! `PROTOCOL.md`.
+//!
+//! # Sans-IO use of the codec
+//!
+//! ```
+//! use bytes::{Bytes, BytesMut};
+//! use silo_protocol::{Compression, Features, Frame, FrameDecoder, Limits, Message, WriteAt};
+//!
+//! let limits = Limits::default();
+//! let block = Bytes::from(vec![0u8; 4096]);
+//! let frame = Frame {
+//!     device: 1,
+//!     txid: 7,
+//!     message: Message::WriteAt(WriteAt::compressed(0, &block, Compression::Lz4, Features::ALL)),
+//! };
+//! // Header and fixed fields go to `head`; the bulk payload is returned
+//! // separately so it can be written without a copy.
+//! let mut head = BytesMut::new();
+//! let tail = frame.encode(&mut head, &limits)?;
+//!
+//! // The receiving side feeds whatever bytes arrive into a decoder.
+//! let mut decoder = FrameDecoder::new(limits);
+//! let mut rx = BytesMut::new();
+//! rx.extend_from_slice(&head);
+//! rx.extend_from_slice(&tail);
+//! let got = decoder.decode(&mut rx)?.expect("a whole frame");
+//! let Message::WriteAt(w) = &got.message else { unreachable!() };
+//! assert_eq!(w.data()?, block); // an all-zero block travelled as a 32-byte frame
+//! assert_eq!(head.len() + tail.len(), 32);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod compress;

@@ -48,14 +48,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::compress::Compression;
 use crate::error::{EncodeError, Error};
-use crate::frame::{Class, Frame, FrameHeader, Kind, Limits, DEFAULT_MAX_FRAME, HEADER_LEN};
+use crate::frame::{Class, Frame, FrameDecoder, Kind, Limits, DEFAULT_MAX_FRAME, HEADER_LEN};
 use crate::handshake::{negotiate, Features, Hello, Negotiated, HELLO_LEN};
 use crate::message::{ErrorCode, ErrorResponse, Message, ReadAt, WriteAt};
 
@@ -151,8 +151,14 @@ impl Config {
 
 const KINDS: usize = 16;
 
-/// Body buffer allocated before any body byte arrived (grows as data comes).
+/// Largest step the receive buffer grows by before more bytes arrived.
 const INITIAL_BODY: usize = 2 << 20;
+/// Smallest read the reader asks for.
+const READ_CHUNK: usize = 64 << 10;
+/// Size of a receive buffer (several frames are cut from each).
+const RECV_BUFFER: usize = 2 << 20;
+/// Receive buffers kept for reuse while frames cut from them are in use.
+const RECV_POOL: usize = 16;
 
 /// How long a closed connection keeps trying to write what was queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -1024,52 +1030,58 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static>(shared: Arc<Shared>, r
     shared.close(&reason);
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: R) -> Result<(), String> {
-    let mut rd = BufReader::with_capacity(64 << 10, reader);
-    let mut hdr = [0u8; HEADER_LEN];
+async fn read_frames<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    mut reader: R,
+) -> Result<(), String> {
+    // Frames are split off a receive buffer as `Bytes` (no copy). Buffers
+    // whose frames are still in use are parked in a small pool and reclaimed
+    // once every frame cut from them has been dropped, so steady-state block
+    // traffic allocates (and page-faults) nothing.
+    let mut decoder = FrameDecoder::new(shared.limits_in);
+    let mut buf = BytesMut::with_capacity(RECV_BUFFER);
+    let mut pool: Vec<BytesMut> = Vec::new();
     loop {
-        // A clean EOF is only clean between frames.
-        let n = rd
-            .read(&mut hdr)
-            .await
-            .map_err(|e| format!("read failed: {e}"))?;
-        if n == 0 {
-            return Ok(());
-        }
-        if n < HEADER_LEN {
-            rd.read_exact(&mut hdr[n..])
-                .await
-                .map_err(|e| format!("stream ended inside a frame header: {e}"))?;
-        }
-        let header = FrameHeader::decode(&hdr, &shared.limits_in)
-            .map_err(|e| format!("protocol error: {e}"))?;
-        // The length is bounded by our limit before this allocation, and the
-        // buffer only grows (doubling) as bytes actually arrive, so a peer
-        // announcing large frames without sending them pins little memory.
-        let len = header.len as usize;
-        let mut body = BytesMut::with_capacity(len.min(INITIAL_BODY));
-        while body.len() < len {
-            if body.len() == body.capacity() {
-                body.reserve((len - body.len()).min(body.len().max(INITIAL_BODY)));
+        let (header, body) = loop {
+            match decoder
+                .next_body(&mut buf)
+                .map_err(|e| format!("protocol error: {e}"))?
+            {
+                Some(f) => break f,
+                None => {
+                    // The header (if any) is validated, so `wanted` is bounded
+                    // by our frame limit; grow at most by doubling, so a peer
+                    // announcing a big frame without sending it pins little.
+                    let wanted = decoder.wanted(&buf);
+                    let room = wanted.clamp(READ_CHUNK, INITIAL_BODY.max(buf.len()));
+                    make_room(&mut buf, &mut pool, room);
+                    let n = reader
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(|e| format!("read failed: {e}"))?;
+                    if n == 0 {
+                        if decoder.is_idle(&buf) {
+                            return Ok(());
+                        }
+                        return Err(match decoder.pending_header() {
+                            Some(h) => format!(
+                                "stream ended inside a {} frame ({} of {} bytes)",
+                                h.kind,
+                                buf.len(),
+                                h.len
+                            ),
+                            None => "stream ended inside a frame header".to_string(),
+                        });
+                    }
+                }
             }
-            let want = (len - body.len()).min(body.capacity() - body.len());
-            let n = rd
-                .read_buf(&mut (&mut body).limit(want))
-                .await
-                .map_err(|e| format!("read failed: {e}"))?;
-            if n == 0 {
-                return Err(format!(
-                    "stream ended inside a {} frame ({} of {len} bytes)",
-                    header.kind,
-                    body.len()
-                ));
-            }
-        }
+        };
+        let len = body.len();
         let c = &shared.metrics.kinds[kind_index(header.kind)];
         c.frames_in.fetch_add(1, Ordering::Relaxed);
         c.bytes_in
             .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
-        match Frame::decode_body(&header, body.freeze(), &shared.limits_in) {
+        match Frame::decode_body(&header, body, &shared.limits_in) {
             Ok(frame) => route(shared, header.kind, frame),
             Err(e) => {
                 shared.metrics.malformed_in.fetch_add(1, Ordering::Relaxed);
@@ -1189,6 +1201,24 @@ fn route(shared: &Arc<Shared>, kind: Kind, frame: Frame) {
                 }
             }
         }
+    }
+}
+
+/// Ensures `buf` has `room` spare bytes, preferring to reclaim an allocation
+/// whose frames have all been dropped over allocating a new one.
+fn make_room(buf: &mut BytesMut, pool: &mut Vec<BytesMut>, room: usize) {
+    if buf.try_reclaim(room) {
+        return;
+    }
+    let need = buf.len() + room;
+    let reusable = (0..pool.len()).find(|&i| pool[i].try_reclaim(need));
+    let next = reusable.map(|i| pool.swap_remove(i));
+    let mut next = next.unwrap_or_else(|| BytesMut::with_capacity(need.max(RECV_BUFFER)));
+    next.extend_from_slice(buf); // the start of a partial frame, if any
+    let mut old = std::mem::replace(buf, next);
+    old.clear();
+    if pool.len() < RECV_POOL {
+        pool.push(old);
     }
 }
 
