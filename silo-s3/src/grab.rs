@@ -9,13 +9,13 @@
 //! [`S3Config`](crate::S3Config) (or environment) and receives only block
 //! numbers and hashes.
 
-use bytes::Bytes;
 use futures::StreamExt;
 use silo_storage::{Error, Provider};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::error::S3Error;
+use crate::config::S3Config;
+use crate::error::{Result as S3Result, S3Error};
 use crate::hashindex::{sha256, zero_hash, Hash};
 use crate::store::BlockStore;
 
@@ -86,6 +86,25 @@ pub struct GrabReport {
     pub failed: Vec<GrabFailure>,
 }
 
+/// Opens the objects of an existing device for grabbing, with the
+/// destination's own configuration (credentials never travel with the
+/// migration). `config.size` and `config.block_size` must be the
+/// migration's: the device's manifest is checked against them, so a sync
+/// with another block size is an error here, at start-up, instead of a
+/// silently useless assist.
+pub async fn open_grab_source(config: &S3Config) -> S3Result<BlockStore> {
+    let store = BlockStore::from_config(config)?;
+    store.probe().await?;
+    let key = store.keys().manifest().to_string();
+    match store.read_manifest().await? {
+        None => Err(S3Error::ManifestMissing { key }),
+        Some(m) => {
+            m.check(&key, config.size, config.block_size)?;
+            Ok(store)
+        }
+    }
+}
+
 async fn grab_one<D: Provider + ?Sized>(
     store: &BlockStore,
     sb: SafeBlock,
@@ -105,13 +124,14 @@ async fn grab_one<D: Provider + ?Sized>(
         _ = cancel.cancelled() => return Err(GrabFailureReason::Cancelled),
         r = store.get_block(sb.block) => r.map_err(GrabFailureReason::S3)?,
     };
-    let data = match fetched {
+    let offset = layout.block_offset(sb.block);
+    let written = match fetched {
         Some(d) => {
             let actual = sha256(&d);
             if actual != sb.hash {
                 return Err(GrabFailureReason::HashMismatch { actual });
             }
-            d
+            dest.write_at(offset, d).await
         }
         // A missing object is an all-zero block.
         None => {
@@ -119,12 +139,10 @@ async fn grab_one<D: Provider + ?Sized>(
             if actual != sb.hash {
                 return Err(GrabFailureReason::HashMismatch { actual });
             }
-            Bytes::from(vec![0u8; len as usize])
+            dest.write_zeroes(offset, len).await
         }
     };
-    dest.write_at(layout.block_offset(sb.block), data)
-        .await
-        .map_err(GrabFailureReason::Write)?;
+    written.map_err(GrabFailureReason::Write)?;
     Ok(len)
 }
 

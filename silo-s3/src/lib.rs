@@ -36,7 +36,9 @@ pub mod testing;
 
 pub use config::{Credentials, RetrySettings, S3Config, Secret};
 pub use error::{s3_error_of, S3Error};
-pub use grab::{fetch_blocks_by_hash, GrabFailure, GrabFailureReason, GrabReport, SafeBlock};
+pub use grab::{
+    fetch_blocks_by_hash, open_grab_source, GrabFailure, GrabFailureReason, GrabReport, SafeBlock,
+};
 pub use hashindex::HashIndex;
 pub use manifest::Manifest;
 pub use metrics::{S3Metrics, S3MetricsSnapshot};

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use silo_s3::hashindex::{sha256, HashIndex};
 use silo_s3::testing::{pattern, S3sFs};
 use silo_s3::{
-    fetch_blocks_by_hash, GrabFailureReason, S3Storage, S3Sync, SafeBlock, SyncSettings,
+    fetch_blocks_by_hash, open_grab_source, GrabFailureReason, S3Error, S3Storage, S3Sync,
+    SafeBlock, SyncSettings,
 };
 use silo_storage::dirty::{dirty_tracker, DirtyTrackerLocal};
 use silo_storage::{BlockLayout, DynProvider, MemoryStorage, Provider, ProviderExt};
@@ -367,7 +368,29 @@ async fn grab_verifies_hashes_and_reports_failures_for_fallback() {
     let mut safe = dev.sync.stop().await;
     assert_eq!(safe.len(), 21);
     // Tamper with block 4 in S3 after the list was made; add a bogus block.
-    let store = dev.sync.storage().block_store().clone();
+    // The destination opens the bucket with its own configuration; the
+    // manifest must agree with the migration's geometry.
+    let cfg = server.config("sync", "grab", size, bs);
+    let store = open_grab_source(&cfg).await.unwrap();
+    let mut other_bs = cfg.clone();
+    other_bs.block_size = 2 * bs;
+    let err = open_grab_source(&other_bs).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            S3Error::ManifestMismatch {
+                field: "block_size",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut missing = cfg.clone();
+    missing.prefix = "never-synced".into();
+    assert!(matches!(
+        open_grab_source(&missing).await.unwrap_err(),
+        S3Error::ManifestMissing { .. }
+    ));
     store
         .put_block(4, Bytes::from(vec![1u8; bs as usize]))
         .await
