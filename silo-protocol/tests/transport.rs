@@ -650,3 +650,41 @@ async fn large_frames_arrive_intact_over_tcp() {
     let data = server.await.unwrap();
     assert_eq!(&data[4096..4096 + big.len()], &big[..]);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn small_frames_are_coalesced_into_few_writes() {
+    let (a, b) = duplex_pair(Config::default(), Config::default()).await;
+    let mut needs = b.incoming(1, Kind::NeedAt).unwrap();
+    let before = a.metrics().writes;
+    // Queued without yielding: the writer finds them all at once.
+    for i in 0..200u64 {
+        a.notify_now(
+            1,
+            Message::NeedAt(Range {
+                offset: i,
+                length: 1,
+            }),
+            Priority::Urgent,
+        )
+        .unwrap();
+    }
+    for i in 0..200u64 {
+        let r = needs.recv().await.unwrap();
+        assert_eq!(
+            r.message,
+            Message::NeedAt(Range {
+                offset: i,
+                length: 1
+            }),
+            "order kept"
+        );
+    }
+    let m = a.metrics();
+    assert_eq!(m.kind(Kind::NeedAt).frames_out, 200);
+    assert_eq!(m.kind(Kind::NeedAt).bytes_out, 200 * 32);
+    assert!(
+        m.writes - before <= 2,
+        "{} writes for 200 small frames",
+        m.writes - before
+    );
+}
