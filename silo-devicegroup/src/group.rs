@@ -130,6 +130,13 @@ pub struct ReceiveOptions {
     /// How long a custom-data event waits for a handler
     /// ([`DeviceGroup::handle_custom_data`]) before it is refused (default 30 s).
     pub custom_data_wait: Duration,
+    /// Move every sender path into [`ReceivePolicy::base_dir`] (by file
+    /// name, with [`rewrite_paths_into`](crate::rewrite_paths_into)) before
+    /// the policy is applied, so the sender's directory layout does not
+    /// matter. Default `false`: sender paths must already resolve inside the
+    /// base directory (relative paths are joined to it), anything else is
+    /// refused.
+    pub rewrite_paths: bool,
 }
 
 impl ReceiveOptions {
@@ -139,7 +146,13 @@ impl ReceiveOptions {
             policy,
             group: GroupOptions::default(),
             custom_data_wait: Duration::from_secs(30),
+            rewrite_paths: false,
         }
+    }
+    /// Sets [`ReceiveOptions::rewrite_paths`].
+    pub fn with_rewrite_paths(mut self, rewrite: bool) -> Self {
+        self.rewrite_paths = rewrite;
+        self
     }
     /// Sets the group options.
     pub fn with_group(mut self, group: GroupOptions) -> Self {
@@ -614,7 +627,7 @@ impl DeviceGroup {
             return Err(Error::Peer("expected device group info".into()));
         };
         let result = async {
-            let schemas = Self::accept_schemas(&info, &mut tweak, &options.policy)?;
+            let schemas = Self::accept_schemas(&info, &mut tweak, &options)?;
             build_all(schemas, true, &opts).await
         }
         .await;
@@ -719,7 +732,7 @@ impl DeviceGroup {
     fn accept_schemas<T>(
         info: &DeviceGroupInfo,
         tweak: &mut T,
-        policy: &ReceivePolicy,
+        options: &ReceiveOptions,
     ) -> Result<Vec<DeviceSchema>>
     where
         T: FnMut(usize, DeviceSchema) -> DeviceSchema,
@@ -735,9 +748,12 @@ impl DeviceGroup {
         let mut schemas: Vec<Option<DeviceSchema>> = vec![None; n];
         for (id, di) in &info.devices {
             let index = *id as usize - 1;
-            let schema = decode_device_hcl(&di.schema, &format!("<sender device {id}>"))?;
-            let schema =
-                sanitize(policy, schema).map_err(|source| Error::Policy { index, source })?;
+            let mut schema = decode_device_hcl(&di.schema, &format!("<sender device {id}>"))?;
+            if options.rewrite_paths {
+                schema = crate::policy::rewrite_paths_into(schema, &options.policy.base_dir);
+            }
+            let schema = sanitize(&options.policy, schema)
+                .map_err(|source| Error::Policy { index, source })?;
             let schema = tweak(index, schema);
             schema.validate()?;
             if schema.size_bytes() != di.size {

@@ -32,8 +32,8 @@ pub async fn tcp_pair_with(config: Config) -> (Connection, Connection) {
     (a, accept.await.unwrap())
 }
 
-/// Starts receiving a group on `conn` with the default policy over `base`
-/// and a tweak that moves every path into `base`.
+/// Starts receiving a group on `conn` with the default policy over `base`,
+/// every sender path moved into `base`.
 pub fn spawn_receiver(
     conn: Connection,
     base: std::path::PathBuf,
@@ -42,8 +42,8 @@ pub fn spawn_receiver(
         let policy = ReceivePolicy::new(&base);
         DeviceGroup::new_from_protocol(
             conn,
-            move |_, s: DeviceSchema| silo_devicegroup::rewrite_paths_into(s, &base),
-            ReceiveOptions::new(policy),
+            |_, s: DeviceSchema| s,
+            ReceiveOptions::new(policy).with_rewrite_paths(true),
         )
         .await
     })
@@ -103,4 +103,26 @@ pub fn spawn_writer(
         }
         n
     })
+}
+
+/// A digest of a device that costs little on sparse data: for every block
+/// of `block_size` bytes that is not all zero, its index and SHA-256 (all-zero
+/// blocks are left out). Two devices of the same size have equal digests
+/// exactly when their contents are equal.
+pub async fn sparse_digest(p: &DynProvider, block_size: u64) -> Vec<(u64, String)> {
+    use sha2::Digest;
+    use silo_storage::ProviderExt;
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    let mut b = 0u64;
+    while off < p.size() {
+        let n = block_size.min(p.size() - off) as usize;
+        let data = p.read_bytes(off, n).await.unwrap();
+        if data.iter().any(|&x| x != 0) {
+            out.push((b, hex::encode(sha2::Sha256::digest(&data))));
+        }
+        off += n as u64;
+        b += 1;
+    }
+    out
 }
