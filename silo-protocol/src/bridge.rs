@@ -612,6 +612,7 @@ impl FromProtocol {
                 r = remove.recv() => {
                     r?;
                     self.handler.removed().await;
+                    self.conn.close_device(d);
                     // Let in-flight writes and reads finish.
                     let _ = limit.acquire_many(self.concurrency as u32).await;
                     return Ok(());

@@ -180,6 +180,12 @@ pub enum Error {
         /// The timeout.
         after: std::time::Duration,
     },
+    /// The device was closed on this connection ([`crate::Connection::close_device`]).
+    #[error("device {device} is closed on this connection")]
+    DeviceClosed {
+        /// Device.
+        device: u32,
+    },
     /// The queue for `(device, kind)` already has a consumer.
     #[error("requests of kind {kind} on device {device} already have a consumer")]
     AlreadyClaimed {

@@ -25,6 +25,11 @@
 //!   consumer slows its own sender, not the connection.
 //! * A [`Request`] dropped without a reply answers itself with
 //!   [`ErrorCode::Unhandled`], so the peer never waits forever.
+//!   [`Connection::close_device`] ends a device on the connection: what is
+//!   queued unclaimed is answered `Unhandled`, later requests
+//!   [`ErrorCode::UnknownDevice`]. A request for a device nobody ever
+//!   consumes waits in its queue (it may be claimed later); use
+//!   [`Config::request_timeout`] on the sender to bound that wait.
 //! * **Writer.** Outgoing frames wait in two FIFO queues, urgent and bulk;
 //!   urgent frames (need-at, priority block data, control messages) overtake
 //!   every bulk frame not yet written. Small frames are coalesced into one
@@ -317,6 +322,8 @@ struct Shared {
     next_txid: AtomicU32,
     pending: Mutex<PendingMap>,
     queues: Mutex<Option<HashMap<(u32, Kind), QueueSlot>>>,
+    /// Devices closed with [`Connection::close_device`] (lock after `queues`).
+    closed_devices: Mutex<std::collections::HashSet<u32>>,
     credits: Mutex<HashMap<(u32, Kind), Arc<Semaphore>>>,
     out: Mutex<OutQueues>,
     out_notify: Notify,
@@ -629,6 +636,7 @@ impl Connection {
             next_txid: AtomicU32::new(1),
             pending: Mutex::new(PendingMap::default()),
             queues: Mutex::new(Some(HashMap::new())),
+            closed_devices: Mutex::new(std::collections::HashSet::new()),
             credits: Mutex::new(HashMap::new()),
             out: Mutex::new(OutQueues::default()),
             out_notify: Notify::new(),
@@ -874,6 +882,9 @@ impl Connection {
         }
         let mut q = self.shared().queues.lock();
         let map = q.as_mut().ok_or_else(|| self.shared().closed_error())?;
+        if self.shared().closed_devices.lock().contains(&device) {
+            return Err(Error::DeviceClosed { device });
+        }
         let depth = self.shared().config.queue_depth.max(1) as usize;
         let slot = map.entry((device, kind)).or_insert_with(|| new_slot(depth));
         let rx = slot.rx.take().ok_or(Error::AlreadyClaimed {
@@ -886,6 +897,28 @@ impl Connection {
             device,
             kind,
         })
+    }
+}
+
+impl Connection {
+    /// Stops accepting frames for `device` on this connection: its queues
+    /// are closed (requests still queued and not claimed are answered
+    /// `Unhandled`; consumers drain what they hold, then get
+    /// [`Error::DeviceClosed`]) and later requests for it are answered
+    /// [`ErrorCode::UnknownDevice`], later notices dropped.
+    pub fn close_device(&self, device: u32) {
+        let removed: Vec<QueueSlot> = {
+            let mut q = self.shared().queues.lock();
+            self.shared().closed_devices.lock().insert(device);
+            match q.as_mut() {
+                Some(map) => {
+                    let keys: Vec<_> = map.keys().filter(|k| k.0 == device).copied().collect();
+                    keys.iter().filter_map(|k| map.remove(k)).collect()
+                }
+                None => Vec::new(),
+            }
+        };
+        drop(removed);
     }
 }
 
@@ -928,7 +961,10 @@ impl Incoming {
     pub async fn recv(&mut self) -> Result<Request, Error> {
         match self.rx.recv().await {
             Some(r) => Ok(r),
-            None => Err(self.conn.shared().closed_error()),
+            None if self.conn.is_closed() => Err(self.conn.shared().closed_error()),
+            None => Err(Error::DeviceClosed {
+                device: self.device,
+            }),
         }
     }
 
@@ -1162,6 +1198,25 @@ fn route(shared: &Arc<Shared>, kind: Kind, frame: Frame) {
                 let Some(map) = q.as_mut() else {
                     return;
                 };
+                if shared.closed_devices.lock().contains(&device) {
+                    drop(q);
+                    let mut req = req;
+                    req.reply_to = None;
+                    if is_request {
+                        shared.reply_error(
+                            device,
+                            txid,
+                            ErrorCode::UnknownDevice,
+                            format!("device {device} is closed on this connection"),
+                        );
+                    } else {
+                        shared
+                            .metrics
+                            .dropped_notices
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
                 map.entry((device, kind))
                     .or_insert_with(|| new_slot(depth))
                     .tx

@@ -688,3 +688,73 @@ async fn small_frames_are_coalesced_into_few_writes() {
         m.writes - before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_devices_answer_instead_of_leaving_senders_waiting() {
+    let (a, b) = duplex_pair(Config::default(), Config::default()).await;
+    // Device 1 has a consumer; device 2 gets a request nobody ever claims.
+    let mut dev1 = b.incoming(1, Kind::Event).unwrap();
+    let unclaimed = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.request_ack(2, Message::Event(Event::new(EventKind::Completed)))
+                .await
+        }
+    });
+    let server3 = serve_device(&b, 3, 1 << 16);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.close_device(2);
+    b.close_device(1);
+    // The queued, unclaimed request was answered.
+    let e = tokio::time::timeout(Duration::from_secs(2), unclaimed)
+        .await
+        .expect("sender left waiting")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Remote {
+                code: ErrorCode::Unhandled,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // New requests get UnknownDevice; the consumer learns the device closed.
+    let e = a
+        .request_ack(1, Message::Event(Event::new(EventKind::Completed)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Remote {
+                code: ErrorCode::UnknownDevice,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        dev1.recv().await.unwrap_err(),
+        Error::DeviceClosed { device: 1 }
+    ));
+    assert!(matches!(
+        b.incoming(1, Kind::WriteAt).unwrap_err(),
+        Error::DeviceClosed { device: 1 }
+    ));
+    // Other devices are unaffected.
+    a.write_at(
+        3,
+        0,
+        &Bytes::from_static(b"still here"),
+        Compression::None,
+        Priority::Bulk,
+    )
+    .await
+    .unwrap();
+    a.close();
+    let data = server3.await.unwrap();
+    assert_eq!(&data[..10], b"still here");
+}
