@@ -36,6 +36,10 @@ use crate::store::BlockStore;
 /// the device size; two blocks sharing a stripe merely serialise).
 const LOCK_STRIPES: usize = 1024;
 
+/// Trims and zero writes covering at least this many whole blocks list the
+/// existing objects instead of deleting every block.
+const SPARSE_ZERO_MIN_BLOCKS: u64 = 4;
+
 /// How [`S3Storage::open_with`] treats the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -253,9 +257,23 @@ impl S3Storage {
         }
         let reg = self.register_write(offset, len);
         let bs = self.layout.block_size();
-        let blocks = self.layout.blocks_touching(offset, len);
-        let work = futures::stream::iter(blocks)
-            .map(|b| {
+        let touching = self.layout.blocks_touching(offset, len);
+        let covered = self.layout.blocks_covered(offset, len);
+        // Which blocks to visit: all of them, or — when zeroing a large range —
+        // the partial edge blocks plus the covered blocks that have an object
+        // (missing objects already read as zeroes; one LIST instead of a
+        // DELETE per block, which matters for a discard of a whole disk).
+        let targets: futures::stream::BoxStream<'_, S3Result<u64>> =
+            if data.is_none() && covered.end - covered.start >= SPARSE_ZERO_MIN_BLOCKS {
+                let edges = (touching.start..covered.start).chain(covered.end..touching.end);
+                futures::stream::iter(edges.map(Ok))
+                    .chain(self.store.existing_blocks(covered))
+                    .boxed()
+            } else {
+                futures::stream::iter(touching.map(Ok)).boxed()
+            };
+        let work = targets
+            .map_ok(|b| {
                 let bstart = b * bs;
                 let s = offset.max(bstart);
                 let e = (offset + len).min(bstart + self.layout.block_len(b));
@@ -264,7 +282,7 @@ impl S3Storage {
                     .map(|d| d.slice((s - offset) as usize..(e - offset) as usize));
                 self.write_block(b, s - bstart, piece, e - s)
             })
-            .buffer_unordered(self.concurrency)
+            .try_buffer_unordered(self.concurrency)
             .try_for_each(|()| async { Ok(()) });
         tokio::select! {
             biased;

@@ -368,6 +368,34 @@ impl BlockStore {
         self.put_object(&self.keys.prefix().child(name), data).await
     }
 
+    /// The blocks in `range` that have an object, in block order, as a
+    /// stream (one LIST page at a time, starting at `range.start`; memory
+    /// does not grow with the device).
+    pub fn existing_blocks(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> futures::stream::BoxStream<'_, Result<u64>> {
+        use futures::StreamExt;
+        let dir = self.keys.blocks_dir();
+        let listing = match range.start.checked_sub(1) {
+            Some(before) => self
+                .store
+                .list_with_offset(Some(dir), &self.keys.block(before)),
+            None => self.store.list(Some(dir)),
+        };
+        let end = range.end;
+        let start = range.start;
+        listing
+            .map(move |r| match r {
+                Ok(m) => Ok(self.keys.block_of(&m.location)),
+                Err(e) => Err(self.classify(e, "listing block objects".into())),
+            })
+            .try_filter_map(|b| futures::future::ready(Ok(b)))
+            .try_filter(move |b| futures::future::ready(*b >= start))
+            .try_take_while(move |b| futures::future::ready(Ok(*b < end)))
+            .boxed()
+    }
+
     /// Lists the block objects that exist: `(block index, object size)`, in
     /// block order.
     pub async fn list_blocks(&self) -> Result<Vec<(u64, u64)>> {

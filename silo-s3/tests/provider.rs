@@ -39,11 +39,13 @@ fn op() -> impl Strategy<Value = Op> {
         Just(BS as usize),
         Just(1000usize)
     ];
+    // Zeroing lengths also span most of the device (the listing path).
+    let long = prop_oneof![(1u64..3 * BS), (4 * BS..SIZE + 10)];
     prop_oneof![
         4 => (edge.clone(), len.clone(), any::<u64>()).prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
         3 => (edge.clone(), len.clone()).prop_map(|(offset, len)| Op::Read { offset, len }),
-        1 => (edge.clone(), len.clone()).prop_map(|(offset, len)| Op::Trim { offset, len: len as u64 }),
-        1 => (edge, len).prop_map(|(offset, len)| Op::Zero { offset, len: len as u64 }),
+        1 => (edge.clone(), long.clone()).prop_map(|(offset, len)| Op::Trim { offset, len }),
+        1 => (edge, long).prop_map(|(offset, len)| Op::Zero { offset, len }),
     ]
 }
 
@@ -460,4 +462,75 @@ async fn concurrent_partial_writes_to_one_block_are_not_lost() {
         );
     }
     assert!(dev.metrics().snapshot().merge_gets >= 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out_instead_of_hanging() {
+    // Accepts connections and reads requests, but never replies.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut cfg = silo_s3::S3Config::new(
+        Some(format!("http://127.0.0.1:{port}")),
+        "bucket",
+        "dev",
+        Credentials::new("a", "b"),
+        8192,
+    );
+    cfg.allow_http = true;
+    cfg.block_size = BS;
+    cfg.retry = silo_s3::RetrySettings {
+        request_timeout: Duration::from_millis(300),
+        retry_timeout: Duration::from_secs(1),
+        ..silo_s3::RetrySettings::fast()
+    };
+    let t = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), S3Storage::open_or_create(&cfg))
+        .await
+        .expect("must not hang")
+        .unwrap_err();
+    assert!(matches!(err, S3Error::Request { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_a_large_sparse_range_deletes_only_existing_objects() {
+    let server = S3sFs::start();
+    let blocks = 300u64;
+    let size = blocks * BS + 10;
+    let cfg = server.config("sparse", "dev", size, BS);
+    let dev = S3Storage::create(&cfg).await.unwrap();
+    for b in [0u64, 7, 150, 299, 300] {
+        dev.write_slice(b * BS, &pattern(b, 10)).await.unwrap();
+    }
+    let before = dev.metrics().snapshot();
+    // From the middle of block 0 to the end: block 0 is merged, the other
+    // four objects are deleted, and the ~296 missing ones are not touched.
+    dev.trim(5, size - 5).await.unwrap();
+    let m = dev.metrics().snapshot();
+    assert_eq!(m.deletes - before.deletes, 4, "{m:?}");
+    assert_eq!(
+        m.puts - before.puts,
+        1,
+        "block 0 keeps its first 5 bytes: {m:?}"
+    );
+    assert_eq!(
+        dev.block_store().list_blocks().await.unwrap(),
+        vec![(0, BS)]
+    );
+    let all = dev.read_bytes(0, size as usize).await.unwrap();
+    assert_eq!(&all[..5], &pattern(0, 5)[..]);
+    assert!(all[5..].iter().all(|&b| b == 0));
+    // A range starting after block 0 lists from its own first block.
+    dev.write_slice(200 * BS, b"x").await.unwrap();
+    dev.write_zeroes(100 * BS, 150 * BS).await.unwrap();
+    assert_eq!(
+        dev.block_store().list_blocks().await.unwrap(),
+        vec![(0, BS)]
+    );
 }
