@@ -6,7 +6,7 @@
 //! panic, never a block left silently missing.
 //!
 //! Credentials never travel: the destination opens the bucket with its own
-//! [`S3Config`](crate::S3Config) (or environment) and receives only block
+//! [`S3Config`] (or environment) and receives only block
 //! numbers and hashes.
 
 use futures::StreamExt;

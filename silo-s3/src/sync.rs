@@ -162,6 +162,9 @@ struct State {
     stored: HashIndex,
     /// Blocks listed in the `hashes.bin` object as last written.
     persisted: HashIndex,
+    /// A write of the object failed: it may hold `persisted` or what we
+    /// tried to write, so the next save must not be skipped.
+    persisted_unknown: bool,
     last_save: Option<Instant>,
 }
 
@@ -196,7 +199,7 @@ impl Shared {
             for b in exclude {
                 snap.remove(*b);
             }
-            if snap == st.persisted {
+            if snap == st.persisted && !st.persisted_unknown {
                 return Ok(());
             }
             snap
@@ -206,18 +209,20 @@ impl Shared {
                 self.index_saves.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.state.lock();
                 st.persisted = snapshot;
+                st.persisted_unknown = false;
                 st.last_save = Some(Instant::now());
                 Ok(())
             }
             Err(e) => {
                 self.index_save_errors.fetch_add(1, Ordering::Relaxed);
-                // The object is now unknown: assume it still lists what we
-                // last wrote *and* what we tried to write, so overwrites keep
-                // going through the save-before-overwrite path.
+                // The object is now unknown: assume it lists what we last
+                // wrote *and* what we tried to write (overwrites of either
+                // go through save-before-overwrite), and save again next time.
                 let mut st = self.state.lock();
                 for (b, h) in snapshot.iter() {
                     st.persisted.set(b, *h);
                 }
+                st.persisted_unknown = true;
                 Err(e)
             }
         }
@@ -396,6 +401,7 @@ impl S3Sync {
             state: Mutex::new(State {
                 stored,
                 persisted: index,
+                persisted_unknown: false,
                 last_save: None,
             }),
             save_gate: tokio::sync::Mutex::new(()),
