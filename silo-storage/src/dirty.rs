@@ -471,6 +471,72 @@ mod tests {
         assert_eq!(remote.dirty_count(), 0);
     }
 
+    /// A provider whose reads copy the data, then pause until released —
+    /// the widest possible window for a write to land "during" a read.
+    struct PausingReads {
+        inner: MemoryStorage,
+        armed: std::sync::atomic::AtomicBool,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl Provider for PausingReads {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+            let r = self.inner.read_at(offset, buf).await;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                let go = self.release.notified();
+                self.entered.notify_one();
+                go.await;
+            }
+            r
+        }
+        async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+            self.inner.write_at(offset, data).await
+        }
+        async fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.trim(offset, len).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.write_zeroes(offset, len).await
+        }
+        fn cancel_writes(&self, _offset: u64, _len: u64) {}
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A write that completes while the migrator's read of the same block
+    /// is in progress (after the data was copied) must be reported dirty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_during_read_is_marked_dirty() {
+        let p = Arc::new(PausingReads {
+            inner: MemoryStorage::new(8192),
+            armed: std::sync::atomic::AtomicBool::new(true),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        });
+        let (local, remote) = dirty_tracker(p.clone(), 4096).unwrap();
+        let r2 = remote.clone();
+        let read = tokio::spawn(async move { r2.read_bytes(0, 4096).await.unwrap() });
+        p.entered.notified().await;
+        assert!(remote.is_tracked(0), "tracked before the read completes");
+        local.write_slice(100, &[9u8; 10]).await.unwrap();
+        p.release.notify_one();
+        let old = read.await.unwrap();
+        assert_eq!(old[100], 0, "the read copied the data before the write");
+        assert_eq!(remote.take_dirty(), vec![0], "the racing write was lost");
+    }
+
     /// A writer and a migrator-like reader hammer the same block; after a
     /// final quiet round the last read must equal the last written value.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
