@@ -22,7 +22,7 @@
 //! * [`compress`]: write-at payload encodings (zeroes, zero-run elision, LZ4)
 //!   with decoders bounded by the declared block length.
 //! * [`transport`] (feature `transport`, default): [`transport::Connection`].
-//! * [`bridge`] (feature `storage`): `ToProtocol` / `FromProtocol` between
+//! * `bridge` (feature `storage`): `ToProtocol` / `FromProtocol` between
 //!   `silo-storage` providers and a connection.
 //!
 //! The byte layouts, handshake, flows and versioning rules are in
