@@ -444,6 +444,18 @@ pub(crate) mod uring {
         /// Runs one operation to completion (including resubmission of
         /// short transfers) and hands back its buffer.
         pub(crate) async fn run(&'static self, req: Request) -> Completion {
+            let valid = matches!(
+                (req.kind, &req.buf),
+                (Kind::Read, OpBuf::Read(_) | OpBuf::Aligned(..))
+                    | (Kind::Write, OpBuf::Write(_) | OpBuf::Aligned(..))
+                    | (Kind::Fsync | Kind::Fallocate { .. }, _)
+            );
+            if !valid {
+                return (
+                    Err(io::Error::other("operation without a matching buffer")),
+                    req.buf,
+                );
+            }
             let permit = match self.permits.clone().acquire_owned().await {
                 Ok(p) => p,
                 Err(_) => return (Err(io::Error::other("io_uring closed")), req.buf),
