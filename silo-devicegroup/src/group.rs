@@ -26,6 +26,7 @@ use silo_storage::waiting::{
 use silo_storage::{BlockLayout, Capabilities, DynProvider, Provider};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::device::{build_device, BuildOptions, BuiltDevice};
 use crate::error::{Error, Result};
@@ -64,7 +65,13 @@ pub struct GroupOptions {
     pub setup_timeout: Duration,
     /// Concurrent reads a sender serves for its receiver (default 16).
     pub serve_read_concurrency: usize,
+    /// Called for every block transfer attempt of every device's migrator
+    /// (device index, event): the input of a migration timeline.
+    pub block_observer: Option<BlockObserverFn>,
 }
+
+/// Per-block observer of a group: device index and the migrator's event.
+pub type BlockObserverFn = Arc<dyn Fn(usize, &silo_storage::migrator::BlockEvent) + Send + Sync>;
 
 impl std::fmt::Debug for GroupOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +94,7 @@ impl Default for GroupOptions {
             waiting_timeout: None,
             setup_timeout: Duration::from_secs(60),
             serve_read_concurrency: 16,
+            block_observer: None,
         }
     }
 }
@@ -115,6 +123,11 @@ impl GroupOptions {
     /// Sets the destination read wait bound.
     pub fn with_waiting_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.waiting_timeout = timeout;
+        self
+    }
+    /// Sets the per-block observer (see [`GroupOptions::block_observer`]).
+    pub fn with_block_observer(mut self, observer: BlockObserverFn) -> Self {
+        self.block_observer = Some(observer);
         self
     }
 }
@@ -1100,6 +1113,10 @@ impl DeviceGroup {
                     )
                     .map_err(|e| Error::storage(&d.name, "creating the migrator", e))?;
                     m.set_dirty_source(Arc::new(d.dirty.clone()));
+                    if let Some(obs) = self.opts.block_observer.clone() {
+                        let index = d.index;
+                        m.set_block_observer(Arc::new(move |e| obs(index, e)));
+                    }
                     *sd.migrator.lock() = Some(m.clone());
                     m
                 }
@@ -1119,7 +1136,6 @@ impl DeviceGroup {
             }));
             migrators.push(m);
         }
-        let _span = tracing::info_span!("migrate_all", devices = self.devices.len()).entered();
         let started = Instant::now();
         let work = try_join_all(self.devices.iter().zip(&s.devices).zip(&migrators).map(
             |((d, sd), m)| async move {
@@ -1129,7 +1145,12 @@ impl DeviceGroup {
                     .map_err(|e| Error::storage(&d.name, "migrating", e))
             },
         ));
-        let r = or_closed(&s.conn, "migrate_all", async { work.await.map(|_| ()) }).await;
+        let r = or_closed(&s.conn, "migrate_all", async { work.await.map(|_| ()) })
+            .instrument(tracing::info_span!(
+                "migrate_all",
+                devices = self.devices.len()
+            ))
+            .await;
         if let Some(h) = &progress {
             let all = s.progress.lock().clone();
             h(&all);
@@ -1195,7 +1216,6 @@ impl DeviceGroup {
                 ))
             })?);
         }
-        let _span = tracing::info_span!("migrate_dirty").entered();
         let loops = try_join_all(
             self.devices
                 .iter()
@@ -1203,7 +1223,9 @@ impl DeviceGroup {
                 .zip(ms)
                 .map(|((d, sd), m)| async move { dirty_loop(d, sd, m, hooks).await }),
         );
-        or_closed(&s.conn, "migrate_dirty", async { loops.await.map(|_| ()) }).await
+        or_closed(&s.conn, "migrate_dirty", async { loops.await.map(|_| ()) })
+            .instrument(tracing::info_span!("migrate_dirty"))
+            .await
     }
 
     /// Sends a completion event for every device and waits for each
@@ -1262,14 +1284,17 @@ impl DeviceGroup {
     /// failed cut-over. Returns the time from the lock to the receiver's
     /// last completion ack.
     pub async fn cut_over(&self, authority: Option<Bytes>) -> Result<Duration> {
-        let _span = tracing::info_span!("cut_over").entered();
         let started = Instant::now();
-        self.lock_all().await;
-        self.migrate_dirty(&crate::hooks::DefaultHooks).await?;
-        if let Some(a) = authority {
-            self.send_custom_data(a).await?;
+        async {
+            self.lock_all().await;
+            self.migrate_dirty(&crate::hooks::DefaultHooks).await?;
+            if let Some(a) = authority {
+                self.send_custom_data(a).await?;
+            }
+            self.completed().await
         }
-        self.completed().await?;
+        .instrument(tracing::info_span!("cut_over"))
+        .await?;
         let took = started.elapsed();
         tracing::info!(?took, "cut-over complete");
         Ok(took)

@@ -28,7 +28,7 @@ pub mod schema;
 pub use device::{build_device, BuildOptions, BuiltDevice};
 pub use error::{Error, Result};
 pub use group::{
-    DeviceGroup, DeviceMetrics, GroupOptions, ReceiveOptions, CUSTOM_DATA,
+    BlockObserverFn, DeviceGroup, DeviceMetrics, GroupOptions, ReceiveOptions, CUSTOM_DATA,
     DEFAULT_VOLATILITY_WINDOW, EVENT_READY, EVENT_REFUSED,
 };
 pub use hooks::{
