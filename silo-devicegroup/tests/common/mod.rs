@@ -126,3 +126,72 @@ pub async fn sparse_digest(p: &DynProvider, block_size: u64) -> Vec<(u64, String
     }
     out
 }
+
+/// A TCP proxy between a client and `upstream` that forwards client →
+/// upstream bytes at `rate` bytes/s (the other direction unthrottled), with
+/// small socket buffers so little data hides in the kernel. Returns the
+/// address to connect to and a handle that drops both sockets when aborted.
+pub async fn slow_proxy(
+    upstream: std::net::SocketAddr,
+    rate: u64,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 << 10).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        client.set_nodelay(true).unwrap();
+        let server = TcpStream::connect(upstream).await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let up = async move {
+            let chunk = 4096usize;
+            let mut buf = vec![0u8; chunk];
+            let start = tokio::time::Instant::now();
+            let mut sent = 0u64;
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                sent += n as u64;
+                let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+                tokio::time::sleep_until(due).await;
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async move {
+            let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        };
+        tokio::join!(up, down);
+    });
+    (addr, task)
+}
+
+/// A protocol connection to `addr` with a small socket send buffer.
+pub async fn connect_small(addr: std::net::SocketAddr) -> Connection {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(16 << 10).unwrap();
+    let s = sock.connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let (r, w) = s.into_split();
+    Connection::from_split(r, w, Config::default())
+        .await
+        .unwrap()
+}
+
+/// Accepts one protocol connection on `listener`.
+pub async fn accept(listener: TcpListener) -> Connection {
+    let (s, _) = listener.accept().await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let (r, w) = s.into_split();
+    Connection::from_split(r, w, Config::default())
+        .await
+        .unwrap()
+}
