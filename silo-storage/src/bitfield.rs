@@ -102,6 +102,16 @@ impl Bitfield {
         if i < self.len {
             let w = word_of(i);
             self.words[w].fetch_or(mask_of(i), ORD);
+            self.lower_hint(w);
+        }
+    }
+
+    /// Lowers the pop hint to `w` if needed. Reads first, so that sets on a
+    /// hot path do not all write one shared cache line. (A pop racing this
+    /// may leave the hint above `w`; pops fall back to a full scan before
+    /// answering `None`, so no bit is ever lost.)
+    fn lower_hint(&self, w: usize) {
+        if self.first_hint.load(Ordering::Relaxed) > w {
             self.first_hint.fetch_min(w, ORD);
         }
     }
@@ -125,7 +135,7 @@ impl Bitfield {
         }
         let w = word_of(i);
         let was = self.words[w].fetch_or(mask_of(i), ORD) & mask_of(i) == 0;
-        self.first_hint.fetch_min(w, ORD);
+        self.lower_hint(w);
         was
     }
 
@@ -157,7 +167,7 @@ impl Bitfield {
             first.get_or_insert(w);
         });
         if let Some(w) = first {
-            self.first_hint.fetch_min(w, ORD);
+            self.lower_hint(w);
         }
     }
 
@@ -317,7 +327,7 @@ impl Bitfield {
             let v = w.load(ORD);
             if v != 0 {
                 self.words[i].fetch_or(v, ORD);
-                self.first_hint.fetch_min(i, ORD);
+                self.lower_hint(i);
             }
         }
         // Bits past our length could have come from a longer `other`.

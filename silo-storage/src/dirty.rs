@@ -124,7 +124,9 @@ impl Shared {
                 let t = *now.get_or_insert_with(|| self.epoch.elapsed().as_nanos() as u64 + 1);
                 self.last_write[b as usize].store(t, Ordering::Relaxed);
                 self.changes[b as usize].fetch_add(1, Ordering::Relaxed);
-                self.dirty.set(b);
+                if !self.dirty.test(b) {
+                    self.dirty.set(b);
+                }
                 any = true;
             }
         }

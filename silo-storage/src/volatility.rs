@@ -11,8 +11,9 @@
 //! Go silo scans every block on each `GetNext` (O(N) per call, O(N²) per
 //! pass). Here:
 //!
-//! * the window is divided into [`SLOTS`] time slots; each slot keeps a map
-//!   of the blocks written during it. When a slot leaves the window its
+//! * the window is divided into [`SLOTS`] time slots; each slot keeps a list
+//!   of the blocks written during it with their counts (each block once,
+//!   found again by index, no hashing). When a slot leaves the window its
 //!   counts are subtracted again, so memory is bounded by `SLOTS ×` (blocks
 //!   written) and counts are exact to one slot (`window / SLOTS`);
 //! * pending blocks with no write in the window sit in a bitfield (popped in
@@ -22,7 +23,7 @@
 //! So `next()` and each recorded write cost O(log N), whatever the device
 //! size; the `engine` benchmark measures `next()` at 1 M blocks.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -40,32 +41,19 @@ use crate::provider::{Capabilities, DynProvider, Provider};
 /// Number of time slots the window is divided into.
 pub const SLOTS: u64 = 8;
 
-/// A multiplicative hasher for block indices (the slot maps are on the
-/// write path; SipHash's DoS resistance buys nothing for our own indices).
-#[derive(Default, Clone, Copy)]
-struct BlockHasher(u64);
-
-impl std::hash::Hasher for BlockHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type SlotMap = HashMap<u64, u32, std::hash::BuildHasherDefault<BlockHasher>>;
+/// Writes per block during one slot: `(block, count)`, each block at most
+/// once (found again through `State::slot_pos`, no hashing).
+type SlotWrites = Vec<(u64, u32)>;
 
 struct State {
     /// Writes per block within the window.
     counts: Vec<u32>,
     /// (slot index, writes per block during that slot), oldest first.
-    slots: VecDeque<(u64, SlotMap)>,
+    slots: VecDeque<(u64, SlotWrites)>,
+    /// Per block: the slot of its last write (`u64::MAX`: none in the
+    /// window) and its entry's position in that slot's list.
+    last_slot: Vec<u64>,
+    slot_pos: Vec<u32>,
     /// Pending blocks with a non-zero count.
     busy: BTreeSet<(u32, u64)>,
     /// Writes within the window, device-wide.
@@ -115,6 +103,8 @@ impl VolatilityMonitor {
             state: Mutex::new(State {
                 counts: vec![0; n as usize],
                 slots: VecDeque::new(),
+                last_slot: vec![u64::MAX; n as usize],
+                slot_pos: vec![0; n as usize],
                 busy: BTreeSet::new(),
                 window_total: 0,
             }),
@@ -137,8 +127,11 @@ impl VolatilityMonitor {
             if idx + SLOTS > now {
                 break;
             }
-            let (_, map) = st.slots.pop_front().expect("front exists");
-            for (b, c) in map {
+            let (_, writes) = st.slots.pop_front().expect("front exists");
+            for (b, c) in writes {
+                if st.last_slot[b as usize] == idx {
+                    st.last_slot[b as usize] = u64::MAX;
+                }
                 let old = st.counts[b as usize];
                 let new = old.saturating_sub(c);
                 st.counts[b as usize] = new;
@@ -162,21 +155,25 @@ impl VolatilityMonitor {
         }
         self.total_writes.fetch_add(1, Ordering::Relaxed);
         let now = self.slot_now();
-        let mut st = self.state.lock();
-        self.advance(&mut st, now);
+        let mut guard = self.state.lock();
+        self.advance(&mut guard, now);
+        let st = &mut *guard;
         if st.slots.back().map(|s| s.0) != Some(now) {
-            st.slots.push_back((now, SlotMap::default()));
+            st.slots.push_back((now, Vec::new()));
         }
+        let cur = &mut st.slots.back_mut().expect("just pushed").1;
         for b in blocks {
-            *st.slots
-                .back_mut()
-                .expect("just pushed")
-                .1
-                .entry(b)
-                .or_insert(0) += 1;
-            let old = st.counts[b as usize];
+            let i = b as usize;
+            if st.last_slot[i] == now {
+                cur[st.slot_pos[i] as usize].1 += 1;
+            } else {
+                st.last_slot[i] = now;
+                st.slot_pos[i] = cur.len() as u32;
+                cur.push((b, 1));
+            }
+            let old = st.counts[i];
             let new = old.saturating_add(1);
-            st.counts[b as usize] = new;
+            st.counts[i] = new;
             st.window_total += 1;
             if self.pending.test(b) {
                 if old == 0 {

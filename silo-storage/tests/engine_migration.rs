@@ -298,6 +298,15 @@ async fn migrate_with_writers(
         })
         .collect();
 
+    // Let the writers get going (the machine may be busy), then migrate
+    // while they keep writing.
+    for _ in 0..1000 {
+        if writes.load(Ordering::Relaxed) >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let before = writes.load(Ordering::Relaxed);
     m.migrate_all().await.unwrap();
     let mut rounds = 0;
     let mut resent = 0;
@@ -321,7 +330,11 @@ async fn migrate_with_writers(
     assert!(m.is_locked());
     // Not vacuous: the writers ran during the migration and the dirty
     // rounds had work to do.
-    assert!(writes.load(Ordering::Relaxed) > 20, "writers barely ran");
+    assert!(before >= 20, "writers did not start");
+    assert!(
+        writes.load(Ordering::Relaxed) > before,
+        "no write raced the migration"
+    );
     assert!(resent > 0, "no dirty block was ever re-sent");
     assert_eq!(
         sha(&*base).await,
