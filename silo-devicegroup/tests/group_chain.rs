@@ -121,10 +121,15 @@ async fn chained_migration_a_b_c() {
     c.close_all().await.unwrap();
 }
 
-/// The receiver's connection drops mid-migration (a proxy between them is
-/// killed): the sender's `migrate_all` fails within a bounded time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_gone_fails_the_sender_promptly() {
+/// A 16 MiB device migrating over a 1 MiB/s proxy with a receiver; the bulk
+/// copy runs in a task. Returns (dir, sender, receiver, proxy task, bulk task).
+async fn slow_migration() -> (
+    tempfile::TempDir,
+    Arc<DeviceGroup>,
+    Arc<DeviceGroup>,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<silo_devicegroup::Result<()>>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut s = DeviceSchema::new("disk", System::Memory, 16 << 20);
     s.block_size = Some(64 << 10);
@@ -143,6 +148,14 @@ async fn receiver_gone_fails_the_sender_promptly() {
         let src = src.clone();
         tokio::spawn(async move { src.migrate_all(4, None).await })
     };
+    (dir, src, dst, proxy_task, bulk)
+}
+
+/// The receiver's connection drops mid-migration (a proxy between them is
+/// killed): the sender's `migrate_all` fails within a bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_gone_fails_the_sender_promptly() {
+    let (_dir, src, dst, proxy_task, bulk) = slow_migration().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!bulk.is_finished());
     let killed = Instant::now();
@@ -169,24 +182,7 @@ async fn receiver_gone_fails_the_sender_promptly() {
 /// arrived fail instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_gone_fails_the_receiver() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = DeviceSchema::new("disk", System::Memory, 16 << 20);
-    s.block_size = Some(64 << 10);
-    let src = DeviceGroup::new_from_schema(vec![s], GroupOptions::default())
-        .await
-        .unwrap();
-    write_pattern(&src.provider("disk").unwrap(), 0, 16 << 20, 3).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (proxy, proxy_task) = slow_proxy(listener.local_addr().unwrap(), 1 << 20).await;
-    let recv_conn = tokio::spawn(accept(listener));
-    let conn = connect_small(proxy).await;
-    let recv = spawn_receiver(recv_conn.await.unwrap(), dir.path().to_path_buf());
-    src.start_migration_to(conn).await.unwrap();
-    let dst = recv.await.unwrap().unwrap();
-    let bulk = {
-        let src = src.clone();
-        tokio::spawn(async move { src.migrate_all(4, None).await })
-    };
+    let (_dir, src, dst, proxy_task, bulk) = slow_migration().await;
     let waiter = {
         let dst = dst.clone();
         tokio::spawn(async move { dst.wait_for_completion().await })

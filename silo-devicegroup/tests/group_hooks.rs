@@ -97,6 +97,13 @@ impl MigrateDirtyHooks for Recorder {
     }
 }
 
+/// Every device saw exactly `want`.
+fn assert_calls(hooks: &Recorder, want: Vec<Call>) {
+    for calls in hooks.calls.lock().iter() {
+        assert_eq!(calls, &want);
+    }
+}
+
 async fn pair() -> (
     tempfile::TempDir,
     Arc<DeviceGroup>,
@@ -134,7 +141,10 @@ async fn pair() -> (
     (dir, src, dst, got)
 }
 
-async fn assert_equal(src: &DeviceGroup, dst: &DeviceGroup) {
+/// Cut-over, completion, equal hashes, close.
+async fn finish(src: &DeviceGroup, dst: &DeviceGroup, authority: Option<Bytes>) {
+    src.cut_over(authority).await.unwrap();
+    dst.wait_for_completion().await.unwrap();
     for n in src.names() {
         assert_eq!(
             sha(&src.unlocked_provider(&n).unwrap()).await,
@@ -142,6 +152,8 @@ async fn assert_equal(src: &DeviceGroup, dst: &DeviceGroup) {
             "device {n}"
         );
     }
+    src.close_all().await.unwrap();
+    dst.close_all().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,36 +161,30 @@ async fn hooks_run_in_order_with_growing_history_and_custom_data_arrives_first()
     let (_dir, src, dst, got) = pair().await;
     let hooks = Recorder::new(&src, vec![3, 2, 1]);
     src.migrate_dirty(&hooks).await.unwrap();
-    for calls in hooks.calls.lock().iter() {
-        assert_eq!(
-            calls,
-            &vec![
-                Call::Pre(vec![]),
-                Call::PostGet(vec![], 3),
-                Call::PostMigrate(vec![3]),
-                Call::Pre(vec![3]),
-                Call::PostGet(vec![3], 2),
-                Call::PostMigrate(vec![3, 2]),
-                Call::Pre(vec![3, 2]),
-                Call::PostGet(vec![3, 2], 1),
-                Call::PostMigrate(vec![3, 2, 1]),
-                Call::Pre(vec![3, 2, 1]),
-                Call::PostGet(vec![3, 2, 1], 0),
-                Call::Completed(vec![3, 2, 1]),
-            ]
-        );
-    }
+    assert_calls(
+        &hooks,
+        vec![
+            Call::Pre(vec![]),
+            Call::PostGet(vec![], 3),
+            Call::PostMigrate(vec![3]),
+            Call::Pre(vec![3]),
+            Call::PostGet(vec![3], 2),
+            Call::PostMigrate(vec![3, 2]),
+            Call::Pre(vec![3, 2]),
+            Call::PostGet(vec![3, 2], 1),
+            Call::PostMigrate(vec![3, 2, 1]),
+            Call::Pre(vec![3, 2, 1]),
+            Call::PostGet(vec![3, 2, 1], 0),
+            Call::Completed(vec![3, 2, 1]),
+        ],
+    );
     // The custom data reached the handler (which ran before the ack) while
     // no device was complete yet.
     assert_eq!(
         got.lock().as_slice(),
         &[(Bytes::from_static(b"from a hook"), vec![false, false])]
     );
-    src.cut_over(None).await.unwrap();
-    dst.wait_for_completion().await.unwrap();
-    assert_equal(&src, &dst).await;
-    src.close_all().await.unwrap();
-    dst.close_all().await.unwrap();
+    finish(&src, &dst, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,25 +193,19 @@ async fn post_get_dirty_false_stops_without_losing_blocks() {
     let mut hooks = Recorder::new(&src, vec![5]);
     hooks.stop_after_get = true;
     src.migrate_dirty(&hooks).await.unwrap();
-    for calls in hooks.calls.lock().iter() {
-        assert_eq!(
-            calls,
-            &vec![
-                Call::Pre(vec![]),
-                Call::PostGet(vec![], 5),
-                Call::Completed(vec![])
-            ]
-        );
-    }
+    assert_calls(
+        &hooks,
+        vec![
+            Call::Pre(vec![]),
+            Call::PostGet(vec![], 5),
+            Call::Completed(vec![]),
+        ],
+    );
     // The 5 blocks were not sent; they must still be dirty and go out now.
     let hooks = Recorder::new(&src, vec![]);
     src.migrate_dirty(&hooks).await.unwrap();
     assert_eq!(hooks.calls.lock()[0][1], Call::PostGet(vec![], 5));
-    src.cut_over(None).await.unwrap();
-    dst.wait_for_completion().await.unwrap();
-    assert_equal(&src, &dst).await;
-    src.close_all().await.unwrap();
-    dst.close_all().await.unwrap();
+    finish(&src, &dst, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,24 +214,18 @@ async fn post_migrate_dirty_false_stops_after_the_round() {
     let mut hooks = Recorder::new(&src, vec![4, 4, 4]);
     hooks.stop_after_migrate = true;
     src.migrate_dirty(&hooks).await.unwrap();
-    for calls in hooks.calls.lock().iter() {
-        assert_eq!(
-            calls,
-            &vec![
-                Call::Pre(vec![]),
-                Call::PostGet(vec![], 4),
-                Call::PostMigrate(vec![4]),
-                Call::Completed(vec![4])
-            ]
-        );
-    }
+    assert_calls(
+        &hooks,
+        vec![
+            Call::Pre(vec![]),
+            Call::PostGet(vec![], 4),
+            Call::PostMigrate(vec![4]),
+            Call::Completed(vec![4]),
+        ],
+    );
     // Default hooks terminate on their own and the cut-over is consistent.
     src.migrate_dirty(&DefaultHooks).await.unwrap();
-    src.cut_over(Some(Bytes::from_static(b"x"))).await.unwrap();
-    dst.wait_for_completion().await.unwrap();
-    assert_equal(&src, &dst).await;
-    src.close_all().await.unwrap();
-    dst.close_all().await.unwrap();
+    finish(&src, &dst, Some(Bytes::from_static(b"x"))).await;
 }
 
 /// Calls in the wrong order fail clearly instead of hanging.
