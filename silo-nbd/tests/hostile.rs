@@ -58,6 +58,54 @@ impl Provider for Slow {
     }
 }
 
+/// Fails every read and write at offsets ≥ 512 KiB with an I/O error.
+struct Faulty(MemoryStorage);
+
+#[async_trait]
+impl Provider for Faulty {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        if offset >= 512 * 1024 {
+            return Err(silo_storage::Error::io(
+                silo_storage::Op::Read,
+                offset,
+                buf.len() as u64,
+                std::io::Error::other("medium error"),
+            ));
+        }
+        self.0.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        if offset >= 512 * 1024 {
+            return Err(silo_storage::Error::io(
+                silo_storage::Op::Write,
+                offset,
+                data.len() as u64,
+                std::io::Error::other("medium error"),
+            ));
+        }
+        self.0.write_at(offset, data).await
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, _: u64, _: u64) {}
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 async fn start(slow: Duration) -> (Server, u16, Arc<Slow>) {
     let p = Arc::new(Slow {
         inner: MemoryStorage::new(1 << 20),
@@ -353,4 +401,39 @@ async fn shutdown_drains_in_flight_then_closes() {
         Err(_) => {}
         Ok(mut s) => expect_closed(&mut s).await,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_io_errors_become_eio_and_the_connection_survives() {
+    let server = Server::default();
+    server
+        .add_export(Export::new(
+            "disk",
+            Arc::new(Faulty(MemoryStorage::new(1 << 20))),
+        ))
+        .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_tcp(l).await });
+    let mut c = connect(port).await;
+    c.write_all(&request(CMD_READ, 0, 1, 600 * 1024, 4096))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut c).await, (5, 1), "EIO, and no data follows");
+    c.write_all(&request(CMD_WRITE, 0, 2, 600 * 1024, 4))
+        .await
+        .unwrap();
+    c.write_all(b"data").await.unwrap();
+    assert_eq!(reply(&mut c).await, (5, 2));
+    c.write_all(&request(CMD_READ, 0, 3, 0, 4)).await.unwrap();
+    assert_eq!(reply(&mut c).await, (0, 3));
+    let mut d = [1u8; 4];
+    c.read_exact(&mut d).await.unwrap();
+    assert_eq!(d, [0; 4]);
+    assert_eq!(
+        server.export("disk").unwrap().metrics().snapshot().errors,
+        2
+    );
+    server.shutdown().await;
 }
