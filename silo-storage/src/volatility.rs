@@ -58,6 +58,9 @@ struct State {
     busy: BTreeSet<(u32, u64)>,
     /// Writes within the window, device-wide.
     window_total: u64,
+    /// Number of bits set in `calm` (every change happens under the lock),
+    /// so `next` never scans an empty bitfield.
+    calm_count: u64,
 }
 
 /// A provider that counts writes per block, and a block order returning the
@@ -107,6 +110,7 @@ impl VolatilityMonitor {
                 slot_pos: vec![0; n as usize],
                 busy: BTreeSet::new(),
                 window_total: 0,
+                calm_count: 0,
             }),
             total_writes: AtomicU64::new(0),
         })
@@ -140,6 +144,7 @@ impl VolatilityMonitor {
                     st.busy.remove(&(old, b));
                     if new == 0 {
                         self.calm.set(b);
+                        st.calm_count += 1;
                     } else {
                         st.busy.insert((new, b));
                     }
@@ -178,6 +183,7 @@ impl VolatilityMonitor {
             if self.pending.test(b) {
                 if old == 0 {
                     self.calm.clear(b);
+                    st.calm_count -= 1;
                 } else {
                     st.busy.remove(&(old, b));
                 }
@@ -219,6 +225,7 @@ impl BlockOrder for VolatilityMonitor {
             let c = st.counts[block as usize];
             if c == 0 {
                 self.calm.set(block);
+                st.calm_count += 1;
             } else {
                 st.busy.insert((c, block));
             }
@@ -231,6 +238,7 @@ impl BlockOrder for VolatilityMonitor {
                 let c = st.counts[b as usize];
                 if c == 0 {
                     self.calm.set(b);
+                    st.calm_count += 1;
                 } else {
                     st.busy.insert((c, b));
                 }
@@ -240,7 +248,9 @@ impl BlockOrder for VolatilityMonitor {
     fn remove(&self, block: u64) -> bool {
         let mut st = self.state.lock();
         if self.pending.clear_if_set(block) {
-            self.calm.clear(block);
+            if self.calm.clear_if_set(block) {
+                st.calm_count -= 1;
+            }
             let c = st.counts[block as usize];
             st.busy.remove(&(c, block));
             true
@@ -257,8 +267,16 @@ impl BlockOrder for VolatilityMonitor {
     fn next(&self) -> Option<BlockInfo> {
         let mut st = self.state.lock();
         self.advance(&mut st, self.slot_now());
-        let block = match self.calm.collect_first_and_clear() {
-            Some(b) => b,
+        let calm = if st.calm_count > 0 {
+            self.calm.collect_first_and_clear()
+        } else {
+            None
+        };
+        let block = match calm {
+            Some(b) => {
+                st.calm_count -= 1;
+                b
+            }
             None => st.busy.pop_first()?.1,
         };
         self.pending.clear(block);
