@@ -79,7 +79,7 @@ fn install_s3s_fs() -> Result<(), String> {
         return Ok(());
     }
     eprintln!(
-        "xtask: installing s3s-fs {S3S_FS_VERSION} (the local S3 server for tests; about 2 minutes)"
+        "xtask: installing s3s-fs {S3S_FS_VERSION} (the local S3 server for tests; a few minutes)"
     );
     crate::run(
         crate::cargo()
