@@ -531,9 +531,15 @@ where
         if draining {
             break Ok(());
         }
-        let want = decoder.wanted(&buf).max(256 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
+        // Room for the rest of the current request (so a large WRITE
+        // payload lands in one allocation and is never copied again), and
+        // at least 64 KiB so small requests are read in batches.
+        let need = decoder
+            .wanted(&buf)
+            .saturating_sub(buf.len())
+            .max(64 * 1024);
+        if buf.capacity() - buf.len() < need {
+            buf.reserve(need);
         }
         tokio::select! {
             biased;
