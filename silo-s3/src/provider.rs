@@ -386,3 +386,91 @@ impl Provider for S3Storage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Fast model test on `object_store`'s in-memory backend, in addition to
+    //! the real-server tests in `tests/provider.rs` (many more cases here).
+    use super::*;
+    use object_store::memory::InMemory;
+    use proptest::prelude::*;
+    use silo_storage::ProviderExt;
+
+    const BS: u64 = 512;
+    const SIZE: u64 = 9 * BS + 77;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u64, Vec<u8>),
+        Read(u64, usize),
+        Zero(u64, u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let off = prop_oneof![
+            0..SIZE + 5,
+            (0u64..10).prop_map(|b| b * BS),
+            Just(SIZE - 77)
+        ];
+        prop_oneof![
+            (off.clone(), proptest::collection::vec(any::<u8>(), 1..1500))
+                .prop_map(|(o, d)| Step::Write(o, d)),
+            (off.clone(), 1usize..2000).prop_map(|(o, l)| Step::Read(o, l)),
+            (off, 1u64..SIZE + 5).prop_map(|(o, l)| Step::Zero(o, l)),
+        ]
+    }
+
+    fn ok_range(o: u64, l: u64) -> bool {
+        o + l <= SIZE
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn matches_a_vec_model(steps in proptest::collection::vec(step(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let layout = BlockLayout::new(SIZE, BS).unwrap();
+                let store = BlockStore::new(Arc::new(InMemory::new()), "p", layout, 4,
+                                            "memory".into(), "b".into()).unwrap();
+                let dev = S3Storage::from_store(store, OpenMode::Create).await.unwrap();
+                let mut model = vec![0u8; SIZE as usize];
+                for s in steps {
+                    match s {
+                        Step::Write(o, d) => {
+                            let r = dev.write_slice(o, &d).await;
+                            prop_assert_eq!(r.is_ok(), ok_range(o, d.len() as u64));
+                            if r.is_ok() {
+                                model[o as usize..o as usize + d.len()].copy_from_slice(&d);
+                            }
+                        }
+                        Step::Read(o, l) => match dev.read_at(o, BytesMut::from(&vec![0xEEu8; l][..])).await {
+                            Ok(b) => prop_assert!(b[..] == model[o as usize..o as usize + l]),
+                            Err(e) => {
+                                prop_assert!(!ok_range(o, l as u64));
+                                prop_assert_eq!(e.kind(), silo_storage::ErrorKind::OutOfRange);
+                            }
+                        },
+                        Step::Zero(o, l) => {
+                            let r = dev.write_zeroes(o, l).await;
+                            prop_assert_eq!(r.is_ok(), ok_range(o, l));
+                            if r.is_ok() {
+                                model[o as usize..(o + l) as usize].fill(0);
+                            }
+                        }
+                    }
+                }
+                let all = dev.read_bytes(0, SIZE as usize).await.unwrap();
+                prop_assert!(all[..] == model[..]);
+                // No object holds an all-zero block, and the trailing
+                // partial block is stored at its real length.
+                for (b, len) in dev.block_store().list_blocks().await.unwrap() {
+                    prop_assert_eq!(len, layout.block_len(b));
+                    let r = layout.block_range(b);
+                    prop_assert!(!is_zero(&model[r.start as usize..r.end as usize]));
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
