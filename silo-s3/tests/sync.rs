@@ -475,3 +475,45 @@ async fn grab_verifies_hashes_and_reports_failures_for_fallback() {
     );
     assert!(t.elapsed() < Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_min_changed_and_limit_shape_each_pass() {
+    let server = S3sFs::start();
+    let bs = 4096u64;
+    let mem: DynProvider = Arc::new(MemoryStorage::new(16 * bs));
+    let settings = SyncSettings {
+        only_dirty: true,
+        max_age: Duration::from_secs(3600),
+        min_changed: 3,
+        limit: 2,
+        ..fast_settings()
+    };
+    let dev = device(&server, mem, "select", bs, settings).await;
+    for b in 0..6u64 {
+        dev.local.write_slice(b * bs, b"once").await.unwrap();
+    }
+    // Young blocks written fewer than min_changed times wait.
+    assert_eq!(dev.sync.sync_now().await.unwrap().blocks, 0);
+    assert_eq!(dev.sync.metrics().dirty_blocks, 6);
+    for _ in 0..2 {
+        for b in 0..4u64 {
+            dev.local.write_slice(b * bs + 8, b"again").await.unwrap();
+        }
+    }
+    // Four blocks qualify now, but at most `limit` per pass.
+    let pass = dev.sync.sync_now().await.unwrap();
+    assert_eq!((pass.blocks, pass.uploaded), (2, 2));
+    let pass = dev.sync.sync_now().await.unwrap();
+    assert_eq!((pass.blocks, pass.uploaded), (2, 2));
+    assert_eq!(dev.sync.sync_now().await.unwrap().blocks, 0);
+    let m = dev.sync.metrics();
+    assert_eq!((m.uploaded_blocks, m.dirty_blocks), (4, 2), "{m:?}");
+    assert!(
+        m.lag > Duration::ZERO,
+        "two blocks are still waiting: {m:?}"
+    );
+    // sync_all takes everything regardless of the thresholds.
+    assert_eq!(dev.sync.sync_all(5).await.unwrap(), 0);
+    assert_eq!(dev.sync.metrics().lag, Duration::ZERO);
+    assert_eq!(dev.sync.stop().await.len(), 6);
+}
