@@ -68,6 +68,8 @@ pub struct GroupOptions {
     /// Called for every block transfer attempt of every device's migrator
     /// (device index, event): the input of a migration timeline.
     pub block_observer: Option<BlockObserverFn>,
+    /// Compression of outgoing blocks (default LZ4 with zero elision).
+    pub compression: silo_protocol::Compression,
 }
 
 /// Per-block observer of a group: device index and the migrator's event.
@@ -81,6 +83,7 @@ impl std::fmt::Debug for GroupOptions {
             .field("volatility_window", &self.volatility_window)
             .field("waiting_timeout", &self.waiting_timeout)
             .field("setup_timeout", &self.setup_timeout)
+            .field("compression", &self.compression)
             .finish()
     }
 }
@@ -95,6 +98,7 @@ impl Default for GroupOptions {
             setup_timeout: Duration::from_secs(60),
             serve_read_concurrency: 16,
             block_observer: None,
+            compression: silo_protocol::Compression::default(),
         }
     }
 }
@@ -118,6 +122,11 @@ impl GroupOptions {
     /// Sets the setup timeout.
     pub fn with_setup_timeout(mut self, timeout: Duration) -> Self {
         self.setup_timeout = timeout;
+        self
+    }
+    /// Sets the compression of outgoing blocks.
+    pub fn with_compression(mut self, compression: silo_protocol::Compression) -> Self {
+        self.compression = compression;
         self
     }
     /// Sets the destination read wait bound.
@@ -967,6 +976,7 @@ impl DeviceGroup {
         for d in &self.devices {
             let id = d.index as u32 + 1;
             let to = Arc::new(ToProtocol::new(conn.clone(), id, d.layout.size()));
+            to.set_compression(self.opts.compression);
             let inner_order: Arc<dyn BlockOrder> = if d.schema.any_order() {
                 Arc::new(AnyOrder::new(d.layout.num_blocks()))
             } else {
