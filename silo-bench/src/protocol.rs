@@ -339,10 +339,12 @@ fn compression(opts: &Opts, report: &mut Report) {
     }
     report.note(
         GROUP,
-        "Compression: one 1 MiB block per data set, single thread. `lz4` is the default policy \
-         (all-zero blocks become a header-only `zeroes` frame, blocks LZ4 cannot shrink by 1/16 go \
-         plain); `zero-elision` sends zero runs of 32+ bytes as skips. The reference is Go silo's \
-         RLE token stream, re-implemented here. Wire bytes include the headers: 32 bytes of frame \
-         and write-at header here, 22 (12-byte frame + 10-byte write-at header) in Go silo. gzip (Go's other option) is not measured: no deflate crate is a dependency.",
+        "Compression: one 1 MiB block per data set, single thread. `zero-elision` is the default \
+         policy (all-zero blocks become a header-only `zeroes` frame, zero runs of 32+ bytes are \
+         skipped, blocks it cannot shrink by 1/16 go plain); `lz4` replaces the skips by LZ4 and \
+         suits links slower than its encode speed. The reference is Go silo's RLE token stream, \
+         re-implemented here. Wire bytes include the headers: 32 bytes of frame and write-at \
+         header here, 22 (12-byte frame + 10-byte write-at header) in Go silo. gzip (Go's other \
+         option) is not measured: no deflate crate is a dependency.",
     );
 }

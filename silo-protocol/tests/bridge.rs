@@ -145,6 +145,7 @@ async fn migration_through_the_bridges_ends_with_equal_hashes() {
         async move { from.serve().await }
     });
     let to = Arc::new(ToProtocol::new(src_conn.clone(), 1, SIZE));
+    to.set_compression(Compression::Lz4);
     let mut model = vec![0u8; SIZE as usize];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     to.send_device_info(DeviceInfo {
