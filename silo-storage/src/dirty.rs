@@ -94,17 +94,25 @@ pub struct DirtySelect {
     pub min_changed: u32,
 }
 
+/// Per-block write bookkeeping, kept together so a write touches one cache
+/// line.
+#[derive(Default)]
+struct BlockMeta {
+    /// Nanoseconds since the tracker's epoch of the last write while
+    /// tracked (+1, so 0 means never).
+    at: AtomicU64,
+    /// Writes since the block last became clean.
+    changes: AtomicU32,
+}
+
 /// State shared by both sides.
 struct Shared {
     inner: DynProvider,
     layout: BlockLayout,
     tracking: Bitfield,
     dirty: Bitfield,
-    /// Nanoseconds since `epoch` of the last write while tracked (+1, so 0
-    /// means never).
-    last_write: Box<[AtomicU64]>,
-    /// Writes to the block since it last became clean.
-    changes: Box<[AtomicU32]>,
+    /// Per-block last write time and change count.
+    meta: Box<[BlockMeta]>,
     epoch: Instant,
     local_writes: AtomicU64,
     local_writes_dirtying: AtomicU64,
@@ -122,8 +130,11 @@ impl Shared {
         for b in self.layout.blocks_touching(offset, len) {
             if self.tracking.test(b) {
                 let t = *now.get_or_insert_with(|| self.epoch.elapsed().as_nanos() as u64 + 1);
-                self.last_write[b as usize].store(t, Ordering::Relaxed);
-                self.changes[b as usize].fetch_add(1, Ordering::Relaxed);
+                let meta = &self.meta[b as usize];
+                meta.at.store(t, Ordering::Relaxed);
+                // A heuristic counter: a plain load/store is enough.
+                let c = meta.changes.load(Ordering::Relaxed);
+                meta.changes.store(c.saturating_add(1), Ordering::Relaxed);
                 if !self.dirty.test(b) {
                     self.dirty.set(b);
                 }
@@ -164,8 +175,9 @@ impl Shared {
 
     fn forget(&self, b: u64) {
         self.tracking.clear(b);
-        self.changes[b as usize].store(0, Ordering::Relaxed);
-        self.last_write[b as usize].store(0, Ordering::Relaxed);
+        let meta = &self.meta[b as usize];
+        meta.changes.store(0, Ordering::Relaxed);
+        meta.at.store(0, Ordering::Relaxed);
     }
 }
 
@@ -210,8 +222,7 @@ pub fn dirty_tracker(
         layout,
         tracking: Bitfield::new(n),
         dirty: Bitfield::new(n),
-        last_write: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        changes: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        meta: (0..n).map(|_| BlockMeta::default()).collect(),
         epoch: Instant::now(),
         local_writes: AtomicU64::new(0),
         local_writes_dirtying: AtomicU64::new(0),
@@ -322,8 +333,9 @@ impl DirtyTrackerRemote {
         let mut settled = Vec::new();
         let mut busy = Vec::new();
         for b in self.s.dirty.iter_set() {
-            let t = self.s.last_write[b as usize].load(Ordering::Relaxed);
-            let c = self.s.changes[b as usize].load(Ordering::Relaxed);
+            let meta = &self.s.meta[b as usize];
+            let t = meta.at.load(Ordering::Relaxed);
+            let c = meta.changes.load(Ordering::Relaxed);
             // t == 0: marked dirty without a tracked write (mark_dirty).
             if t == 0 || now.saturating_sub(t) >= age_ns {
                 settled.push((t, b));

@@ -483,7 +483,10 @@ impl Migrator {
     }
 
     /// Records `block` as already at the destination (e.g. synced to S3):
-    /// it is dropped from the order and counted as migrated and clean.
+    /// it is dropped from the order and counted as migrated and clean. The
+    /// caller must make sure later writes to it are tracked (e.g.
+    /// `DirtyTrackerRemote::track_at` on its range *before* the content
+    /// the destination has was read), or they will not be re-sent.
     pub fn set_migrated(&self, block: u64) {
         self.inner.order.remove(block);
         self.inner.migrated.set(block);

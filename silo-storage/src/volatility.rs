@@ -42,18 +42,16 @@ use crate::provider::{Capabilities, DynProvider, Provider};
 pub const SLOTS: u64 = 8;
 
 /// Writes per block during one slot: `(block, count)`, each block at most
-/// once (found again through `State::slot_pos`, no hashing).
+/// once (found again through [`BlockStat::slot_pos`], no hashing).
 type SlotWrites = Vec<(u64, u32)>;
 
 struct State {
     /// Writes per block within the window.
-    counts: Vec<u32>,
+    /// Per block: writes within the window and where its entry is in the
+    /// current slot (one cache line holds four blocks' worth).
+    stats: Vec<BlockStat>,
     /// (slot index, writes per block during that slot), oldest first.
     slots: VecDeque<(u64, SlotWrites)>,
-    /// Per block: the slot of its last write (`u64::MAX`: none in the
-    /// window) and its entry's position in that slot's list.
-    last_slot: Vec<u64>,
-    slot_pos: Vec<u32>,
     /// Pending blocks with a non-zero count.
     busy: BTreeSet<(u32, u64)>,
     /// Writes within the window, device-wide.
@@ -61,6 +59,17 @@ struct State {
     /// Number of bits set in `calm` (every change happens under the lock),
     /// so `next` never scans an empty bitfield.
     calm_count: u64,
+}
+
+/// Per-block counters, kept together so a write touches one cache line.
+#[derive(Clone, Copy)]
+struct BlockStat {
+    /// Writes within the window.
+    count: u32,
+    /// Position of the block's entry in the list of slot `last_slot`.
+    slot_pos: u32,
+    /// Slot of the block's last write (`u64::MAX`: none).
+    last_slot: u64,
 }
 
 /// A provider that counts writes per block, and a block order returning the
@@ -104,10 +113,15 @@ impl VolatilityMonitor {
             pending: Bitfield::new(n),
             calm: Bitfield::new(n),
             state: Mutex::new(State {
-                counts: vec![0; n as usize],
+                stats: vec![
+                    BlockStat {
+                        count: 0,
+                        slot_pos: 0,
+                        last_slot: u64::MAX,
+                    };
+                    n as usize
+                ],
                 slots: VecDeque::new(),
-                last_slot: vec![u64::MAX; n as usize],
-                slot_pos: vec![0; n as usize],
                 busy: BTreeSet::new(),
                 window_total: 0,
                 calm_count: 0,
@@ -133,12 +147,13 @@ impl VolatilityMonitor {
             }
             let (_, writes) = st.slots.pop_front().expect("front exists");
             for (b, c) in writes {
-                if st.last_slot[b as usize] == idx {
-                    st.last_slot[b as usize] = u64::MAX;
+                let stat = &mut st.stats[b as usize];
+                if stat.last_slot == idx {
+                    stat.last_slot = u64::MAX;
                 }
-                let old = st.counts[b as usize];
+                let old = stat.count;
                 let new = old.saturating_sub(c);
-                st.counts[b as usize] = new;
+                stat.count = new;
                 st.window_total = st.window_total.saturating_sub(u64::from(c));
                 if self.pending.test(b) {
                     st.busy.remove(&(old, b));
@@ -169,16 +184,17 @@ impl VolatilityMonitor {
         let cur = &mut st.slots.back_mut().expect("just pushed").1;
         for b in blocks {
             let i = b as usize;
-            if st.last_slot[i] == now {
-                cur[st.slot_pos[i] as usize].1 += 1;
+            let stat = &mut st.stats[i];
+            if stat.last_slot == now {
+                cur[stat.slot_pos as usize].1 += 1;
             } else {
-                st.last_slot[i] = now;
-                st.slot_pos[i] = cur.len() as u32;
+                stat.last_slot = now;
+                stat.slot_pos = cur.len() as u32;
                 cur.push((b, 1));
             }
-            let old = st.counts[i];
+            let old = stat.count;
             let new = old.saturating_add(1);
-            st.counts[i] = new;
+            stat.count = new;
             st.window_total += 1;
             if self.pending.test(b) {
                 if old == 0 {
@@ -196,7 +212,7 @@ impl VolatilityMonitor {
     pub fn volatility(&self, block: u64) -> u32 {
         let mut st = self.state.lock();
         self.advance(&mut st, self.slot_now());
-        st.counts.get(block as usize).copied().unwrap_or(0)
+        st.stats.get(block as usize).map_or(0, |s| s.count)
     }
 
     /// Block-writes within the window, device-wide.
@@ -222,7 +238,7 @@ impl BlockOrder for VolatilityMonitor {
         }
         let mut st = self.state.lock();
         if self.pending.set_if_clear(block) {
-            let c = st.counts[block as usize];
+            let c = st.stats[block as usize].count;
             if c == 0 {
                 self.calm.set(block);
                 st.calm_count += 1;
@@ -235,7 +251,7 @@ impl BlockOrder for VolatilityMonitor {
         let mut st = self.state.lock();
         for b in 0..self.layout.num_blocks() {
             if self.pending.set_if_clear(b) {
-                let c = st.counts[b as usize];
+                let c = st.stats[b as usize].count;
                 if c == 0 {
                     self.calm.set(b);
                     st.calm_count += 1;
@@ -251,7 +267,7 @@ impl BlockOrder for VolatilityMonitor {
             if self.calm.clear_if_set(block) {
                 st.calm_count -= 1;
             }
-            let c = st.counts[block as usize];
+            let c = st.stats[block as usize].count;
             st.busy.remove(&(c, block));
             true
         } else {
