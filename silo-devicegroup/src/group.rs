@@ -159,6 +159,8 @@ pub struct ReceiveOptions {
     /// base directory (relative paths are joined to it), anything else is
     /// refused.
     pub rewrite_paths: bool,
+    /// Most devices a sender may describe (default 1024).
+    pub max_devices: usize,
 }
 
 impl ReceiveOptions {
@@ -169,6 +171,7 @@ impl ReceiveOptions {
             group: GroupOptions::default(),
             custom_data_wait: Duration::from_secs(30),
             rewrite_paths: false,
+            max_devices: 1024,
         }
     }
     /// Sets [`ReceiveOptions::rewrite_paths`].
@@ -274,6 +277,8 @@ struct SendDevice {
     dest: Arc<UrgentDest>,
     order: Arc<PriorityOrder>,
     migrator: Mutex<Option<Migrator>>,
+    /// Don't-need hints that arrived before the migrator existed.
+    not_needed: Bitfield,
 }
 
 impl SendDevice {
@@ -308,10 +313,13 @@ impl SendDevice {
             return;
         }
         let len = len.min(size - offset);
-        match self.migrator() {
+        // Under the lock, so a hint racing the migrator's creation is not lost.
+        let m = self.migrator.lock();
+        match &*m {
             Some(m) => m.dont_need_at(offset, len),
             None => {
                 for b in self.dest.layout.blocks_covered(offset, len) {
+                    self.not_needed.set(b);
                     self.order.remove(b);
                 }
             }
@@ -760,6 +768,12 @@ impl DeviceGroup {
         T: FnMut(usize, DeviceSchema) -> DeviceSchema,
     {
         let n = info.devices.len();
+        if n > options.max_devices {
+            return Err(Error::Peer(format!(
+                "{n} devices exceed the receiver's limit of {}",
+                options.max_devices
+            )));
+        }
         let mut ids: Vec<u32> = info.devices.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         if ids.iter().enumerate().any(|(i, id)| *id as usize != i + 1) {
@@ -994,6 +1008,7 @@ impl DeviceGroup {
                 dest,
                 order,
                 migrator: Mutex::new(None),
+                not_needed: Bitfield::new(d.layout.num_blocks()),
             });
         }
         let progress = Arc::new(Mutex::new(self.initial_progress()));
@@ -1127,7 +1142,11 @@ impl DeviceGroup {
                         let index = d.index;
                         m.set_block_observer(Arc::new(move |e| obs(index, e)));
                     }
-                    *sd.migrator.lock() = Some(m.clone());
+                    let mut slot = sd.migrator.lock();
+                    for b in sd.not_needed.iter_set() {
+                        m.dont_need(b);
+                    }
+                    *slot = Some(m.clone());
                     m
                 }
             };
@@ -1358,15 +1377,21 @@ impl DeviceGroup {
 
     // ----- shutdown -----
 
-    /// Stops every migration and task, unlocks and closes every device
-    /// (waiters of missing blocks fail), removes NBD exports. Errors are
+    /// Stops every migration and task, closes the migration connections,
+    /// unlocks and closes every device (waiters of missing blocks fail),
+    /// removes NBD exports. Errors are
     /// collected; the first is returned. Closing twice is not an error.
     pub async fn close_all(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let session = self.session.lock().take();
-        drop(session);
+        if let Some(session) = self.session.lock().take() {
+            // Queued frames are still written, then the stream shuts down.
+            session.conn.close();
+        }
+        if let Some(r) = &self.receiving {
+            r.conn.close();
+        }
         for t in self.tasks.lock().drain(..) {
             t.abort();
         }

@@ -64,3 +64,47 @@ async fn far_ahead_reads_overtake_the_bulk_copy() {
 fn sp_unlocked(g: &Arc<DeviceGroup>) -> silo_storage::DynProvider {
     g.unlocked_provider("disk").unwrap()
 }
+
+/// A destination write during the migration makes the block the
+/// destination's: it is not waited for, the source is told not to send it
+/// (don't-need-at), and the bulk copy never overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_writes_win_over_the_bulk_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = DeviceSchema::new("disk", System::Memory, BLOCKS * BS);
+    s.block_size = Some(BS);
+    s.migration = Some(MigrationSchema { any_order: true });
+    let src = DeviceGroup::new_from_schema(vec![s], GroupOptions::default())
+        .await
+        .unwrap();
+    let sp = src.provider("disk").unwrap();
+    write_pattern(&sp, 0, (BLOCKS * BS) as usize, 5).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (proxy, _proxy_task) = slow_proxy(listener.local_addr().unwrap(), 2 << 20).await;
+    let recv_conn = tokio::spawn(accept(listener));
+    let a = connect_small(proxy).await;
+    let recv = spawn_receiver(recv_conn.await.unwrap(), dir.path().to_path_buf());
+    src.start_migration_to(a).await.unwrap();
+    let dst = recv.await.unwrap().unwrap();
+    let dp = dst.provider("disk").unwrap();
+    // Before the bulk copy starts: the destination owns block 60.
+    let mine = vec![0xAB; BS as usize];
+    dp.write_slice(60 * BS, &mine).await.unwrap();
+    assert_eq!(dp.read_bytes(60 * BS, BS as usize).await.unwrap(), mine);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    src.migrate_all(2, None).await.unwrap();
+    let p = src.metrics("disk").unwrap().migration.unwrap();
+    assert_eq!(p.skipped_blocks, 1, "{p:?}");
+    src.cut_over(None).await.unwrap();
+    dst.wait_for_completion().await.unwrap();
+    assert_eq!(dp.read_bytes(60 * BS, BS as usize).await.unwrap(), mine);
+    assert_eq!(
+        dp.read_bytes(0, (60 * BS) as usize).await.unwrap(),
+        sp_unlocked(&src)
+            .read_bytes(0, (60 * BS) as usize)
+            .await
+            .unwrap()
+    );
+    src.close_all().await.unwrap();
+    dst.close_all().await.unwrap();
+}
