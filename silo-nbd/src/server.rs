@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// When a connection ends (disconnect, protocol error, shutdown), how
+    /// long its in-flight requests get to finish and their replies to be
+    /// written before the connection is dropped anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -45,11 +49,24 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl ServerConfig {
+    /// Sets [`drain_timeout`](Self::drain_timeout).
+    pub fn with_drain_timeout(mut self, t: Duration) -> Self {
+        self.drain_timeout = t;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    pub fn with_handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
     /// Sets [`max_in_flight`](Self::max_in_flight) (at least 1).
     pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
@@ -463,7 +480,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_dead = CancellationToken::new();
     let pool = Arc::new(BufPool::default());
-    let writer = tokio::spawn(writer_loop(w, rx, writer_dead.clone(), pool.clone()));
+    let mut writer = tokio::spawn(writer_loop(w, rx, writer_dead.clone(), pool.clone()));
     let mut decoder = RequestDecoder::new(&export.info);
     let mut draining = false;
 
@@ -477,31 +494,38 @@ where
         };
         if let Some(req) = req {
             let (kind, cookie) = (req.header.kind, req.header.cookie);
+            if kind == crate::proto::CMD_DISC {
+                debug!("client sent NBD_CMD_DISC");
+                break Ok(());
+            }
+            // Every reply, error replies included, holds a permit until it
+            // is written: a client that sends without reading stalls here
+            // instead of growing the reply queue.
+            let permit = tokio::select! {
+                biased;
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                // Stuck behind unwritten replies: shutdown or a dead writer
+                // ends the connection (the drain below is bounded).
+                _ = inner.shutdown.cancelled() => break Ok(()),
+                _ = writer_dead.cancelled() => break Ok(()),
+            };
+            let refuse = |errno, permit| Outgoing {
+                head: error_reply(cookie, kind, structured, errno),
+                data: None,
+                _permit: Some(permit),
+            };
             if draining {
-                let _ = tx.send(Outgoing::head(error_reply(
-                    cookie,
-                    kind,
-                    structured,
-                    Errno::Shutdown,
-                )));
+                let _ = tx.send(refuse(Errno::Shutdown, permit));
                 continue;
             }
             match validate(req, &export.info, structured, base_allocation) {
-                Ok(Command::Disconnect) => {
-                    debug!("client sent NBD_CMD_DISC");
-                    break Ok(());
-                }
+                Ok(Command::Disconnect) => unreachable!("handled above"),
                 Err(errno) => {
                     metrics.errors.fetch_add(1, Ordering::Relaxed);
                     debug!(kind, cookie, %errno, "request refused");
-                    let _ = tx.send(Outgoing::head(error_reply(cookie, kind, structured, errno)));
+                    let _ = tx.send(refuse(errno, permit));
                 }
                 Ok(cmd) => {
-                    let permit = permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closed");
                     let export = export.clone();
                     let pool = pool.clone();
                     let mut fut = Box::pin(async move {
@@ -560,16 +584,25 @@ where
             },
         }
     };
-    // Drain: every in-flight request finishes and its reply is queued.
-    let _all = permits
-        .acquire_many(max_in_flight as u32)
-        .await
-        .expect("semaphore never closed");
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "reply writer failed"),
-        Err(e) => warn!(error = %e, "reply writer panicked"),
+    // Drain: every in-flight request finishes and its reply is written,
+    // within the configured grace period (a client that stopped reading
+    // must not hold the server up forever).
+    let drain = async {
+        let _all = permits
+            .acquire_many(max_in_flight as u32)
+            .await
+            .expect("semaphore never closed");
+        drop(tx);
+        (&mut writer).await
+    };
+    match tokio::time::timeout(inner.config.drain_timeout, drain).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => debug!(error = %e, "reply writer failed"),
+        Ok(Err(e)) => warn!(error = %e, "reply writer panicked"),
+        Err(_) => {
+            warn!(timeout = ?inner.config.drain_timeout, "in-flight requests not drained in time, closing");
+            writer.abort();
+        }
     }
     result
 }

@@ -46,6 +46,18 @@ impl AllocationTracker {
         }
     }
 
+    /// Like [`new`](Self::new) but starts with every block marked as data:
+    /// for a provider that already holds data (an existing file, a
+    /// migration destination), so only later trims and zeroes show holes.
+    pub fn with_all_data(inner: DynProvider, granule: u64) -> AllocationTracker {
+        let t = AllocationTracker::new(inner, granule);
+        let blocks = t.inner.size().div_ceil(t.granule);
+        for b in 0..blocks {
+            t.set(b, true);
+        }
+        t
+    }
+
     fn get(&self, block: u64) -> bool {
         self.bits[(block / 64) as usize].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
@@ -186,5 +198,14 @@ mod tests {
         let mut v = Vec::new();
         t.extents(100, 3 * 4096, 1, &mut v);
         assert_eq!(v, vec![Extent::hole(2 * 4096 - 100)]);
+
+        let full = AllocationTracker::with_all_data(Arc::new(MemoryStorage::new(10_000)), 4096);
+        let mut v = Vec::new();
+        full.extents(0, 10_000, 10, &mut v);
+        assert_eq!(v, vec![Extent::data(10_000)]);
+        full.trim(4096, 10_000 - 4096).await.unwrap();
+        v.clear();
+        full.extents(0, 10_000, 10, &mut v);
+        assert_eq!(v, vec![Extent::data(4096), Extent::hole(10_000 - 4096)]);
     }
 }

@@ -437,3 +437,43 @@ async fn provider_io_errors_become_eio_and_the_connection_survives() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_never_reads_is_bounded_and_cannot_block_shutdown() {
+    let server = Server::new(
+        ServerConfig::default()
+            .with_max_in_flight(4)
+            .with_drain_timeout(Duration::from_millis(500)),
+    );
+    server
+        .add_export(Export::new("disk", Arc::new(MemoryStorage::new(8 << 20))))
+        .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_tcp(l).await });
+    let mut c = connect(port).await;
+    // 200 reads of 1 MiB = 200 MiB of replies nobody reads, plus error
+    // replies to unknown commands.
+    let flood = tokio::spawn(async move {
+        for i in 0..200u64 {
+            let mut batch = request(CMD_READ, 0, i, 0, 1 << 20);
+            batch.extend_from_slice(&request(77, 0, i, 0, 0));
+            if c.write_all(&batch).await.is_err() {
+                break;
+            }
+        }
+        c // keep the socket open (and unread)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stats = server.export("disk").unwrap().metrics().snapshot();
+    assert!(
+        stats.reads < 64,
+        "server kept executing unread requests: {stats:?}"
+    );
+    assert!(stats.in_flight <= 4, "{stats:?}");
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("shutdown is not blocked by a client that stopped reading");
+    flood.abort();
+}
