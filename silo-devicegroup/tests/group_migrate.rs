@@ -54,7 +54,23 @@ async fn two_memory_devices_under_writers() {
             )
         })
         .collect();
-    src.migrate_all(8, None).await.unwrap();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let handler: silo_devicegroup::ProgressHandler = {
+        let seen = seen.clone();
+        Arc::new(move |ps: &[silo_devicegroup::DeviceProgress]| seen.lock().push(ps.to_vec()))
+    };
+    src.migrate_all(8, Some(handler)).await.unwrap();
+    {
+        // The handler saw every device, and its last call the finished pass.
+        let seen = seen.lock();
+        assert!(seen.len() >= 2);
+        assert!(seen.iter().all(|ps| ps.len() == 2));
+        let last = seen.last().unwrap();
+        for p in last {
+            assert_eq!(p.progress.migrated_blocks, p.progress.total_blocks, "{p:?}");
+        }
+        assert_eq!(last[1].progress.total_blocks, 1_234_567u64.div_ceil(4096));
+    }
     src.migrate_dirty(&silo_devicegroup::DefaultHooks)
         .await
         .unwrap();
