@@ -116,6 +116,17 @@ fn nbdinfo_list_size_and_map() {
     assert!(list.contains("export=\"ro\""), "{list}");
     assert!(list.contains("is_read_only: true"), "{list}");
     assert!(list.contains("block_size_maximum: 33554432"), "{list}");
+    // qemu's client lists the same (LIST + INFO + LIST_META_CONTEXT).
+    need("qemu-nbd");
+    let port = t.port.to_string();
+    let qlist = run(Command::new("qemu-nbd").args(["-L", "-b", "127.0.0.1", "-p", &port]));
+    assert!(qlist.contains("exports available: 2"), "{qlist}");
+    assert!(
+        qlist.contains("flush fua trim zeroes multi cache fast-zero"),
+        "{qlist}"
+    );
+    assert!(qlist.contains("readonly"), "{qlist}");
+    assert!(qlist.contains("base:allocation"), "{qlist}");
     let size = run(Command::new("nbdinfo").args(["--size", &t.uri("disk")]));
     assert_eq!(size.trim(), (32 * MIB).to_string());
 

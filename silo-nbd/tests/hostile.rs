@@ -477,3 +477,47 @@ async fn client_that_never_reads_is_bounded_and_cannot_block_shutdown() {
         .expect("shutdown is not blocked by a client that stopped reading");
     flood.abort();
 }
+
+/// The kernel's side of a socketpair: transmission only, simple replies,
+/// the way `kernel::attach` serves `/dev/nbdN` (testable without the module).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transmission_only_sockets_as_handed_to_the_kernel() {
+    let server = Server::default();
+    server
+        .add_export(Export::new("disk", Arc::new(MemoryStorage::new(1 << 20))))
+        .unwrap();
+    let (ours, mut kernel) = tokio::net::UnixStream::pair().unwrap();
+    server.spawn_transmission(ours, "disk").unwrap();
+    assert!(server
+        .spawn_transmission(tokio::net::UnixStream::pair().unwrap().0, "nope")
+        .is_err());
+    let mut w = request(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 5);
+    w.extend_from_slice(b"hello");
+    w.extend_from_slice(&request(CMD_FLUSH, 0, 2, 0, 0));
+    w.extend_from_slice(&request(CMD_READ, 0, 3, 4096, 5));
+    kernel.write_all(&w).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let mut h = [0u8; 16];
+        kernel.read_exact(&mut h).await.unwrap();
+        assert_eq!(&h[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&h[4..8], &[0; 4]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        if cookie == 3 {
+            let mut d = [0u8; 5];
+            kernel.read_exact(&mut d).await.unwrap();
+            assert_eq!(&d, b"hello");
+        }
+        got.push(cookie);
+    }
+    got.sort();
+    assert_eq!(got, [1, 2, 3]);
+    kernel
+        .write_all(&request(CMD_DISC, 0, 4, 0, 0))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    kernel.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    server.shutdown().await;
+}
