@@ -77,7 +77,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ]))?;
     let mut t = cargo();
-    t.args(["test", "--workspace", "--release"]);
+    t.args(["test", "--workspace", "--release", "--no-fail-fast"]);
     t.args(extra);
     t.env("SILO_TOOLS", setup::tools_dir());
     run(&mut t)
