@@ -22,7 +22,8 @@ pub fn init(level: &str, format: Format) -> Result<(), String> {
     .map_err(|e| format!("bad --log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let res = match format {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().try_init(),

@@ -3,11 +3,13 @@
 //! Library crates return typed errors; this binary is the one place that
 //! turns them into one-line messages and exit codes.
 
+mod cmd;
 mod logging;
-#[allow(dead_code)] // wired in as the commands land
 mod metrics_http;
-#[allow(dead_code)] // wired in as the commands land
+mod observe;
+mod progress;
 mod timeline;
+mod util;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +21,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "silo", version, about, propagate_version = true)]
 struct Cli {
-    /// Log level (error, warn, info, debug, trace) or a tracing filter.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log level (error, warn, info, debug, trace) or a tracing filter
+    /// (`silo_devicegroup=debug,warn`). Logs go to stderr.
+    #[arg(long, global = true, default_value = "warn")]
     log_level: String,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
@@ -90,6 +93,10 @@ enum Command {
         /// One pass, then exit.
         #[arg(long)]
         once: bool,
+        /// Export the synced devices over NBD at this address (continuous
+        /// mode uploads the blocks written through it).
+        #[arg(long)]
+        nbd_listen: Option<SocketAddr>,
     },
     /// Migrate an embedded demo device group over loopback TCP, with a
     /// background writer, and verify the result.
@@ -97,11 +104,23 @@ enum Command {
         /// Also draw the migration timeline to this SVG file.
         #[arg(long)]
         timeline: Option<PathBuf>,
+        /// Size of the memory device (e.g. 256m).
+        #[arg(long, default_value = "256m", value_parser = parse_size)]
+        memory_size: u64,
+        /// Size of the file device (e.g. 64m).
+        #[arg(long, default_value = "64m", value_parser = parse_size)]
+        file_size: u64,
+        /// Migration block size (a power of two, e.g. 256k).
+        #[arg(long, default_value = "256k", value_parser = parse_size)]
+        block_size: u64,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
         eprintln!("silo: {e}");
         return ExitCode::from(2);
@@ -122,23 +141,142 @@ fn main() -> ExitCode {
             // One line: the error and its causes, no backtrace.
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
-                msg.push_str(": ");
-                msg.push_str(&cause.to_string());
+                // Some errors repeat their source in their own message.
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
             }
+            let msg = msg.replace('\n', " ");
             eprintln!("silo: {msg}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// Help and version go to stdout as clap renders them; usage errors become
+/// one line on stderr (exit code 2).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    eprintln!("silo: {line} (see silo --help)");
+    ExitCode::from(2)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let v = silo_devicegroup::schema::units::parse_size(s).map_err(|e| e.to_string())?;
+    if v == 0 {
+        return Err("must not be zero".into());
+    }
+    Ok(v)
+}
+
+/// Prints one line of command output to stdout (logs go to stderr).
+pub(crate) fn out(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
 async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Serve { .. }
-        | Command::Connect { .. }
-        | Command::Nbd { .. }
-        | Command::Sync { .. }
-        | Command::Demo { .. } => {
-            anyhow::bail!("this command is not implemented yet (see issue 8)")
+        Command::Serve {
+            config,
+            listen,
+            nbd_listen,
+            concurrency,
+            metrics,
+            continuous,
+        } => {
+            cmd::serve::run(cmd::serve::Args {
+                config,
+                listen,
+                nbd_listen,
+                concurrency,
+                metrics,
+                continuous,
+            })
+            .await
+        }
+        Command::Connect {
+            addr,
+            dir,
+            nbd_listen,
+            keep_serving,
+            metrics,
+        } => {
+            cmd::connect::run(cmd::connect::Args {
+                addr,
+                dir,
+                nbd_listen,
+                keep_serving,
+                metrics,
+            })
+            .await
+        }
+        Command::Nbd {
+            config,
+            listen,
+            unix,
+        } => {
+            cmd::nbd::run(cmd::nbd::Args {
+                config,
+                listen,
+                unix,
+            })
+            .await
+        }
+        Command::Sync {
+            config,
+            once,
+            nbd_listen,
+        } => {
+            cmd::sync::run(cmd::sync::Args {
+                config,
+                once,
+                nbd_listen,
+            })
+            .await
+        }
+        Command::Demo {
+            timeline,
+            memory_size,
+            file_size,
+            block_size,
+        } => {
+            if !block_size.is_power_of_two() || !(512..=(64 << 20)).contains(&block_size) {
+                anyhow::bail!("--block-size must be a power of two between 512 and 64m");
+            }
+            cmd::demo::run(cmd::demo::Args {
+                timeline,
+                memory_size,
+                file_size,
+                block_size,
+            })
+            .await
         }
     }
 }
