@@ -123,6 +123,8 @@ impl Display {
                 b.finish();
             }
             total.finish();
+            // The bars leave the cursor at the end of the last one.
+            crate::out("");
         }
     }
 }

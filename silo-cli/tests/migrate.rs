@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,25 @@ device "scratch" {{
     )
 }
 
+/// Starts `silo serve` on `listen` with `extra` flags and waits until it
+/// waits for a receiver.
+fn start_serve(dir: &Path, conf: &Path, listen: SocketAddr, extra: &[&str]) -> Proc {
+    let (c, l) = (conf.to_str().unwrap(), listen.to_string());
+    let mut args = vec!["serve", "--config", c, "--listen", &l];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(dir, "serve", &args);
+    p.wait_for("waiting for a receiver", T);
+    p
+}
+
+/// Starts `silo connect` to `addr` receiving into `dst`.
+fn start_connect(dir: &Path, addr: SocketAddr, dst: &Path, extra: &[&str]) -> Proc {
+    let (a, d) = (addr.to_string(), dst.to_str().unwrap());
+    let mut args = vec!["connect", "--addr", &a, "--dir", d];
+    args.extend_from_slice(extra);
+    Proc::start(dir, "connect", &args)
+}
+
 fn make_source(src: &Path, disk_mb: u64) {
     std::fs::create_dir_all(src).unwrap();
     std::fs::write(src.join("disk0.img"), pattern((disk_mb << 20) as usize, 42)).unwrap();
@@ -51,22 +71,12 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
     make_source(&src, disk_mb);
     let conf = write_config(tmp.path(), &config(&src, disk_mb));
     let (listen, nbd) = (free_addr(), free_addr());
-    let mut serve = Proc::start(
+    let mut serve = start_serve(
         tmp.path(),
-        "serve",
-        &[
-            "serve",
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            &listen.to_string(),
-            "--nbd-listen",
-            &nbd.to_string(),
-            "--concurrency",
-            "4",
-        ],
+        &conf,
+        listen,
+        &["--nbd-listen", &nbd.to_string(), "--concurrency", "4"],
     );
-    serve.wait_for("waiting for a receiver", T);
     let export = format!("nbd://{nbd}/disk0");
     // One write before the migration starts.
     let (ok, o) = tool(
@@ -75,17 +85,7 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
     );
     assert!(ok, "{o}");
 
-    let mut connect = Proc::start(
-        tmp.path(),
-        "connect",
-        &[
-            "connect",
-            "--addr",
-            &listen.to_string(),
-            "--dir",
-            dst.to_str().unwrap(),
-        ],
-    );
+    let mut connect = start_connect(tmp.path(), listen, &dst, &[]);
     // Writer: distinct patterns at distinct offsets until the receiver is
     // done; records which writes succeeded while the migration ran.
     let done = Arc::new(AtomicBool::new(false));
@@ -183,15 +183,11 @@ fn continuous_sync_metrics_and_sigterm_cut_over() {
         free_addr(),
         free_addr(),
     );
-    let mut serve = Proc::start(
+    let mut serve = start_serve(
         tmp.path(),
-        "serve",
+        &conf,
+        listen,
         &[
-            "serve",
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            &listen.to_string(),
             "--nbd-listen",
             &nbd.to_string(),
             "--metrics",
@@ -199,16 +195,11 @@ fn continuous_sync_metrics_and_sigterm_cut_over() {
             "--continuous",
         ],
     );
-    serve.wait_for("waiting for a receiver", T);
-    let mut connect = Proc::start(
+    let mut connect = start_connect(
         tmp.path(),
-        "connect",
+        listen,
+        &dst,
         &[
-            "connect",
-            "--addr",
-            &listen.to_string(),
-            "--dir",
-            dst.to_str().unwrap(),
             "--nbd-listen",
             &dnbd.to_string(),
             "--metrics",
@@ -344,32 +335,13 @@ fn interrupted_migration_exits_non_zero() {
     make_source(&src, 8);
     let conf = write_config(tmp.path(), &config(&src, 8));
     let (listen, nbd) = (free_addr(), free_addr());
-    let mut serve = Proc::start(
+    let mut serve = start_serve(
         tmp.path(),
-        "serve",
-        &[
-            "serve",
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            &listen.to_string(),
-            "--nbd-listen",
-            &nbd.to_string(),
-            "--continuous",
-        ],
+        &conf,
+        listen,
+        &["--nbd-listen", &nbd.to_string(), "--continuous"],
     );
-    serve.wait_for("waiting for a receiver", T);
-    let mut connect = Proc::start(
-        tmp.path(),
-        "connect",
-        &[
-            "connect",
-            "--addr",
-            &listen.to_string(),
-            "--dir",
-            dst.to_str().unwrap(),
-        ],
-    );
+    let mut connect = start_connect(tmp.path(), listen, &dst, &[]);
     serve.wait_for("continuous mode", T);
     connect.term();
     let crc = connect.wait(T);

@@ -116,9 +116,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Some(Err(e)) => {
             util::flush_and_close(&group).await.ok();
-            if let Some((s, _)) = &nbd {
-                s.shutdown().await;
-            }
+            crate::cmd::serve::stop_services(nbd, metrics_task).await;
             return Err(anyhow::Error::new(e).context("the migration failed"));
         }
         Some(Ok(())) => {
@@ -163,12 +161,6 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
     };
-    if let Some((s, t)) = nbd {
-        s.shutdown().await;
-        t.abort();
-    }
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
+    crate::cmd::serve::stop_services(nbd, metrics_task).await;
     Ok(code)
 }

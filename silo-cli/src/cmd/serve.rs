@@ -32,9 +32,7 @@ pub struct Args {
 pub const AUTHORITY: &[u8] = b"silo: authority transferred";
 
 /// Binds the NBD listener of `--nbd-listen` and starts a server on it.
-pub async fn start_nbd(
-    addr: SocketAddr,
-) -> anyhow::Result<(Arc<silo_nbd::Server>, tokio::task::JoinHandle<()>)> {
+pub async fn start_nbd(addr: SocketAddr) -> anyhow::Result<NbdService> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for NBD on {addr}"))?;
@@ -47,6 +45,21 @@ pub async fn start_nbd(
     });
     tracing::info!(%addr, "NBD exports listening");
     Ok((server, task))
+}
+
+/// The NBD server of `--nbd-listen` and its accept task.
+pub type NbdService = (Arc<silo_nbd::Server>, tokio::task::JoinHandle<()>);
+
+/// Stops the NBD server (clients are answered and disconnected) and the
+/// metrics endpoint.
+pub async fn stop_services(nbd: Option<NbdService>, metrics: Option<tokio::task::JoinHandle<()>>) {
+    if let Some((s, t)) = nbd {
+        s.shutdown().await;
+        t.abort();
+    }
+    if let Some(t) = metrics {
+        t.abort();
+    }
 }
 
 /// Binds `--metrics` and serves the registry.
@@ -118,20 +131,11 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             util::flush_and_close(&group).await.ok();
-            if let Some((s, t)) = nbd {
-                s.shutdown().await;
-                t.abort();
-            }
+            stop_services(nbd, metrics_task).await;
             return Err(e);
         }
     };
-    if let Some((s, t)) = nbd {
-        s.shutdown().await;
-        t.abort();
-    }
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
+    stop_services(nbd, metrics_task).await;
     Ok(code)
 }
 

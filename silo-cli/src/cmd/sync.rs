@@ -83,10 +83,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some(e) => Err(e),
         None => run_syncs(&synced, a.once).await,
     };
-    if let Some((s, t)) = nbd {
-        s.shutdown().await;
-        t.abort();
-    }
+    crate::cmd::serve::stop_services(nbd, None).await;
     for s in &synced {
         let left = s.sync.stop().await;
         tracing::debug!(device = %s.name, safe = left.len(), "sync stopped");
