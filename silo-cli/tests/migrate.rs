@@ -358,3 +358,75 @@ fn interrupted_migration_exits_non_zero() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `connect --nbd-listen --keep-serving`: the destination's export can be
+/// read whole while the bulk copy is still running (reads of missing blocks
+/// wait and are fetched with priority) and stays up after the migration
+/// completed, until SIGTERM.
+#[test]
+fn destination_exports_during_migration_and_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let dst = tmp.path().join("dst");
+    let disk_mb = 48;
+    make_source(&src, disk_mb);
+    let conf = write_config(tmp.path(), &config(&src, disk_mb));
+    let (listen, nbd, dnbd, dmetrics) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let ns = nbd.to_string();
+    let mut serve = start_serve(
+        tmp.path(),
+        &conf,
+        listen,
+        &["--nbd-listen", &ns, "--concurrency", "1"],
+    );
+    let (dn, dm) = (dnbd.to_string(), dmetrics.to_string());
+    let mut connect = start_connect(
+        tmp.path(),
+        listen,
+        &dst,
+        &["--nbd-listen", &dn, "--keep-serving", "--metrics", &dm],
+    );
+    connect.wait_for("exported over NBD", T);
+    let copy = tmp.path().join("copy.img");
+    let (ok, o) = tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("nbd://{dnbd}/disk0"),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{o}");
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(src.join("disk0.img")).unwrap(),
+        "the destination export served different data"
+    );
+    assert_eq!(
+        serve.wait(T),
+        0,
+        "serve:\n{}\n{}",
+        serve.stdout(),
+        serve.stderr()
+    );
+    connect.wait_for("serving the devices over NBD until", T);
+    let (ok, list) = tool("nbdinfo", &["--list", &format!("nbd://{dnbd}")]);
+    assert!(
+        ok && list.contains("export=\"disk0\"") && list.contains("export=\"scratch\""),
+        "{list}"
+    );
+    let body = http_get(dmetrics, "/metrics").unwrap().1;
+    assert!(body.contains("silo_migration_completed 1"), "{body}");
+    connect.term();
+    assert_eq!(
+        connect.wait(T),
+        0,
+        "connect:\n{}\n{}",
+        connect.stdout(),
+        connect.stderr()
+    );
+    assert!(sha_file(&src.join("disk0.img")) == sha_file(&dst.join("disk0.img")));
+}
