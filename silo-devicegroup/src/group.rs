@@ -752,9 +752,16 @@ impl DeviceGroup {
             }));
         }
         *group.tasks.lock() = tasks;
-        conn.request_ack(0, Message::Event(Event::custom(EVENT_READY, Bytes::new())))
+        if let Err(e) = conn
+            .request_ack(0, Message::Event(Event::custom(EVENT_READY, Bytes::new())))
             .await
-            .map_err(|e| Error::protocol("telling the sender the devices are ready", e))?;
+        {
+            let _ = group.close_all().await;
+            return Err(Error::protocol(
+                "telling the sender the devices are ready",
+                e,
+            ));
+        }
         tracing::info!(devices = n, "receiving device group");
         Ok(group)
     }
