@@ -82,18 +82,12 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
-    let exposed: Vec<&str> = schema
+    let exposed: Vec<String> = schema
         .devices
         .iter()
         .filter(|d| d.expose)
-        .map(|d| d.name.as_str())
+        .map(|d| d.name.clone())
         .collect();
-    if !exposed.is_empty() && a.nbd_listen.is_none() {
-        anyhow::bail!(
-            "device {:?} has expose = true: pass --nbd-listen ADDR (attaching to /dev/nbdN is not supported by the CLI)",
-            exposed[0]
-        );
-    }
     // Bind everything first: a port in use is reported before any device
     // is built.
     let listener = TcpListener::bind(a.listen)
@@ -107,6 +101,11 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             tracing::warn!("--nbd-listen given but no device has expose = true");
             None
         }
+        // No address: the exports are attached to /dev/nbdN below.
+        None if !exposed.is_empty() => Some((
+            Arc::new(silo_nbd::Server::default()),
+            tokio::spawn(async {}),
+        )),
         None => None,
     };
     let mut opts = GroupOptions::default();
@@ -116,21 +115,58 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let group = DeviceGroup::new_from_schema(schema.devices, opts)
         .await
         .context("building the devices")?;
+    let mut kernel = Vec::new();
+    if let (None, Some((server, _))) = (a.nbd_listen, &nbd) {
+        for name in &exposed {
+            match silo_nbd::kernel::attach(server, name, &silo_nbd::kernel::AttachConfig::default())
+                .await
+            {
+                Ok(dev) => {
+                    crate::out(format!(
+                        "device {name} attached at {}",
+                        dev.path().display()
+                    ));
+                    kernel.push(dev);
+                }
+                Err(e) => {
+                    for dev in kernel {
+                        let _ = dev.disconnect().await;
+                    }
+                    util::flush_and_close(&group).await.ok();
+                    stop_services(nbd, metrics_task).await;
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "device {name:?} has expose = true but cannot be attached to /dev/nbdN \
+                         (load the nbd kernel module, or pass --nbd-listen ADDR to export it over TCP)"
+                    )));
+                }
+            }
+        }
+    }
     let stats = Arc::new(RunStats::default());
     let result = serve_group(&a, &group, listener, &registry, &stats).await;
+    let disconnect = |kernel: Vec<silo_nbd::kernel::KernelDevice>| async move {
+        for dev in kernel {
+            if let Err(e) = dev.disconnect().await {
+                tracing::warn!(error = %e, "disconnecting a /dev/nbdN device");
+            }
+        }
+    };
     let code = match result {
         Ok(Outcome::Done { took, started }) => {
             summary(&group, &stats, started, took);
             util::close_after_cutover(&group).await;
+            disconnect(kernel).await;
             ExitCode::SUCCESS
         }
         Ok(Outcome::Interrupted) => {
             eprintln!("silo: interrupted: the migration did not complete");
             util::flush_and_close(&group).await.ok();
+            disconnect(kernel).await;
             ExitCode::from(EXIT_INTERRUPTED)
         }
         Err(e) => {
             util::flush_and_close(&group).await.ok();
+            disconnect(kernel).await;
             stop_services(nbd, metrics_task).await;
             return Err(e);
         }
