@@ -129,7 +129,8 @@ pub fn render(
         if i % step != 0 && e.kind != Kind::Priority {
             continue;
         }
-        let x = left + e.t / t_max * pw;
+        // A few pixels off the axis so marks at t = 0 stay visible.
+        let x = left + 3.0 + e.t / t_max * (pw - 6.0);
         let y = y_of(e.device, e.block);
         let _ = writeln!(
             s,

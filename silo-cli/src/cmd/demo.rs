@@ -263,7 +263,14 @@ async fn demo(
         .filter_map(|m| m.migration.map(|p| p.bytes_sent))
         .sum();
     let total: u64 = a.memory_size + a.file_size;
-    let ev = events.lock().clone();
+    // Time 0 = the first transfer (device filling and set-up excluded).
+    let mut ev = events.lock().clone();
+    let first = ev.iter().map(|e| e.t).fold(f64::INFINITY, f64::min);
+    if first.is_finite() {
+        for e in &mut ev {
+            e.t -= first;
+        }
+    }
     let count = |k: timeline::Kind| ev.iter().filter(|e| e.kind == k).count();
     crate::out("summary:");
     crate::out(format!(
