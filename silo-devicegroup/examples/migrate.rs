@@ -1,8 +1,9 @@
 //! Live migration of a device group between two processes over TCP.
 //!
 //! ```text
-//! # terminal 1 (destination): prints "listening 127.0.0.1:PORT", then
-//! # "custom <text>" for custom data and "sha <device> <hex>" per device.
+//! # terminal 1 (destination): prints "listening 127.0.0.1:PORT", "ready
+//! # <devices>" once the devices are built, "custom <text>" for custom data
+//! # and, once complete, "sha <device> <hex>" per device.
 //! cargo run --example migrate -- receive --listen 127.0.0.1:0 --dir /tmp/dst
 //!
 //! # terminal 2 (source): builds the group from an HCL config, fills it,
@@ -68,6 +69,7 @@ async fn receive(args: &[String]) -> Result<(), BoxError> {
     let opts = ReceiveOptions::new(ReceivePolicy::new(&dir)).with_rewrite_paths(true);
     let group = DeviceGroup::new_from_protocol(conn, |_, s| s, opts).await?;
     group.handle_custom_data(|d| println!("custom {}", String::from_utf8_lossy(&d)));
+    println!("ready {}", group.names().join(" "));
     let t = Instant::now();
     group.wait_for_completion().await?;
     eprintln!("migration complete after {:?}", t.elapsed());

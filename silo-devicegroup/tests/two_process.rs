@@ -6,24 +6,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The example binary: built by `cargo test` next to the test binaries
-/// (`target/<profile>/examples/migrate`); built on demand otherwise.
+/// The example binary `target/<profile>/examples/migrate`, (re)built once
+/// per test process with the same profile (`cargo test` builds examples, but
+/// `cargo test --test two_process` alone would leave a stale one).
 fn example() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join("migrate");
-    if !path.exists() {
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let mut c = Command::new(cargo);
-        c.args(["build", "-p", "silo-devicegroup", "--example", "migrate"]);
-        if !cfg!(debug_assertions) {
-            c.arg("--release");
-        }
-        let st = c.status().expect("cargo runs");
-        assert!(st.success(), "building the migrate example failed");
-    }
-    assert!(path.exists(), "{} missing", path.display());
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let path = profile_dir.join("examples").join("migrate");
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let mut c = Command::new(cargo);
+            c.args(["build", "-p", "silo-devicegroup", "--example", "migrate"]);
+            if !cfg!(debug_assertions) {
+                c.arg("--release");
+            }
+            // Build into the directory this test binary came from.
+            if let Some(target) = profile_dir.parent() {
+                c.env("CARGO_TARGET_DIR", target);
+            }
+            let st = c.status().expect("cargo runs");
+            assert!(st.success(), "building the migrate example failed");
+            assert!(path.exists(), "{} missing", path.display());
+            path
+        })
+        .clone()
 }
 
 fn config(dir: &Path, mem: &str) -> PathBuf {
@@ -73,6 +81,22 @@ fn sender(addr: &str, conf: &Path, sync_seconds: &str) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
+}
+
+/// Reads the receiver's output until its devices are built (the migration
+/// is then under way).
+fn wait_ready(out: &mut BufReader<std::process::ChildStdout>) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "receiver ended early"
+        );
+        if line.starts_with("ready ") {
+            return;
+        }
+    }
 }
 
 fn wait_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -127,9 +151,14 @@ fn killed_receiver_fails_the_sender_and_killed_sender_fails_the_receiver() {
     let sdir = tempfile::tempdir().unwrap();
     let ddir = tempfile::tempdir().unwrap();
     let conf = config(sdir.path(), "8m");
-    let (mut rx, _rout, addr) = receiver(ddir.path());
+    let (mut rx, mut rout, addr) = receiver(ddir.path());
     let mut tx = sender(&addr, &conf, "60");
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_ready(&mut rout);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        tx.try_wait().unwrap().is_none(),
+        "the sender is still migrating"
+    );
     rx.kill().unwrap();
     rx.wait().unwrap();
     let killed = Instant::now();
@@ -139,9 +168,10 @@ fn killed_receiver_fails_the_sender_and_killed_sender_fails_the_receiver() {
 
     // Sender killed: the receiver exits with an error, without printing hashes.
     let ddir = tempfile::tempdir().unwrap();
-    let (mut rx, rout, addr) = receiver(ddir.path());
+    let (mut rx, mut rout, addr) = receiver(ddir.path());
     let mut tx = sender(&addr, &conf, "60");
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_ready(&mut rout);
+    std::thread::sleep(Duration::from_millis(1000));
     tx.kill().unwrap();
     tx.wait().unwrap();
     let st = wait_timeout(&mut rx, Duration::from_secs(20));
