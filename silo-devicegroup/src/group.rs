@@ -294,16 +294,14 @@ impl SendDevice {
         let len = len.min(size - offset);
         let m = self.migrator();
         for b in self.dest.layout.blocks_touching(offset, len) {
+            // The next send of the block goes urgent, whether it comes from
+            // the order (prioritised here) or from a queued dirty re-send
+            // (then `prioritise` returns false; the bit still applies).
             self.dest.urgent.set(b);
-            let ok = match &m {
+            match &m {
                 Some(m) => m.prioritise(b),
                 None => self.order.prioritise(b),
             };
-            if !ok {
-                // Not pending (in flight, sent, or queued as dirty): no
-                // priority send will come for it.
-                self.dest.urgent.clear(b);
-            }
         }
     }
 
