@@ -148,19 +148,19 @@ impl Shared {
 
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         let len = data.len() as u64;
-        let r = self.inner.write_at(offset, data).await;
+        let r = (*self.inner).write_at(offset, data).await;
         self.after_mutation(&r, offset, len);
         r
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        let r = self.inner.trim(offset, len).await;
+        let r = (*self.inner).trim(offset, len).await;
         self.after_mutation(&r, offset, len);
         r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let r = self.inner.write_zeroes(offset, len).await;
+        let r = (*self.inner).write_zeroes(offset, len).await;
         self.after_mutation(&r, offset, len);
         r
     }
@@ -248,13 +248,13 @@ impl Provider for DirtyTrackerLocal {
         self.s.inner.capabilities()
     }
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        self.s.inner.read_at(offset, buf).await
+        (*self.s.inner).read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         self.s.write_at(offset, data).await
     }
     async fn flush(&self) -> Result<()> {
-        self.s.inner.flush().await
+        (*self.s.inner).flush().await
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.s.trim(offset, len).await
@@ -266,7 +266,7 @@ impl Provider for DirtyTrackerLocal {
         self.s.inner.cancel_writes(offset, len)
     }
     async fn close(&self) -> Result<()> {
-        self.s.inner.close().await
+        (*self.s.inner).close().await
     }
 }
 
@@ -413,14 +413,14 @@ impl Provider for DirtyTrackerRemote {
         self.track_at(offset, buf.len() as u64);
         // Order the tracking bits before the data read (see module docs).
         fence(Ordering::SeqCst);
-        self.s.inner.read_at(offset, buf).await
+        (*self.s.inner).read_at(offset, buf).await
     }
     /// Writes through the remote side are treated like local writes.
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         self.s.write_at(offset, data).await
     }
     async fn flush(&self) -> Result<()> {
-        self.s.inner.flush().await
+        (*self.s.inner).flush().await
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.s.trim(offset, len).await
@@ -432,7 +432,7 @@ impl Provider for DirtyTrackerRemote {
         self.s.inner.cancel_writes(offset, len)
     }
     async fn close(&self) -> Result<()> {
-        self.s.inner.close().await
+        (*self.s.inner).close().await
     }
 }
 

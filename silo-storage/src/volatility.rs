@@ -42,7 +42,11 @@ use crate::provider::{Capabilities, DynProvider, Provider};
 pub const SLOTS: u64 = 8;
 
 /// Writes per block during one slot: `(block, count)`, each block at most
-/// once (found again through [`BlockStat::slot_pos`], no hashing).
+/// once (found again through [`BlockStat::slot_pos`], no hashing). The
+/// count of a block's entry in its latest slot is kept in
+/// [`BlockStat::cur`] instead (so a repeated write touches one cache line,
+/// not two) and copied into the entry when the block moves on to a newer
+/// slot; the entry's own count is only meaningful after that.
 type SlotWrites = Vec<(u64, u32)>;
 
 struct State {
@@ -66,6 +70,9 @@ struct State {
 struct BlockStat {
     /// Writes within the window.
     count: u32,
+    /// Writes during slot `last_slot` (the authoritative count of the
+    /// block's entry in that slot's list).
+    cur: u32,
     /// Position of the block's entry in the list of slot `last_slot`.
     slot_pos: u32,
     /// Slot of the block's last write (`u64::MAX`: none).
@@ -116,6 +123,7 @@ impl VolatilityMonitor {
                 stats: vec![
                     BlockStat {
                         count: 0,
+                        cur: 0,
                         slot_pos: 0,
                         last_slot: u64::MAX,
                     };
@@ -148,9 +156,12 @@ impl VolatilityMonitor {
             let (_, writes) = st.slots.pop_front().expect("front exists");
             for (b, c) in writes {
                 let stat = &mut st.stats[b as usize];
-                if stat.last_slot == idx {
+                let c = if stat.last_slot == idx {
                     stat.last_slot = u64::MAX;
-                }
+                    stat.cur
+                } else {
+                    c
+                };
                 let old = stat.count;
                 let new = old.saturating_sub(c);
                 stat.count = new;
@@ -181,16 +192,26 @@ impl VolatilityMonitor {
         if st.slots.back().map(|s| s.0) != Some(now) {
             st.slots.push_back((now, Vec::new()));
         }
-        let cur = &mut st.slots.back_mut().expect("just pushed").1;
         for b in blocks {
             let i = b as usize;
             let stat = &mut st.stats[i];
             if stat.last_slot == now {
-                cur[stat.slot_pos as usize].1 += 1;
+                stat.cur = stat.cur.saturating_add(1);
             } else {
+                if stat.last_slot != u64::MAX {
+                    // Settle the count of the block's entry in its older
+                    // slot (still in the window: `advance` above resets
+                    // `last_slot` of every slot it drops).
+                    let last = stat.last_slot;
+                    if let Some((_, w)) = st.slots.iter_mut().rev().find(|(s, _)| *s == last) {
+                        w[stat.slot_pos as usize].1 = stat.cur;
+                    }
+                }
+                let cur = &mut st.slots.back_mut().expect("just pushed").1;
                 stat.last_slot = now;
+                stat.cur = 1;
                 stat.slot_pos = cur.len() as u32;
-                cur.push((b, 1));
+                cur.push((b, 0));
             }
             let old = stat.count;
             let new = old.saturating_add(1);
@@ -312,24 +333,24 @@ impl Provider for VolatilityMonitor {
         self.inner.capabilities()
     }
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        self.inner.read_at(offset, buf).await
+        (*self.inner).read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         let len = data.len() as u64;
-        self.inner.write_at(offset, data).await?;
+        (*self.inner).write_at(offset, data).await?;
         self.record(offset, len);
         Ok(())
     }
     async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
+        (*self.inner).flush().await
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.trim(offset, len).await?;
+        (*self.inner).trim(offset, len).await?;
         self.record(offset, len);
         Ok(())
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.write_zeroes(offset, len).await?;
+        (*self.inner).write_zeroes(offset, len).await?;
         self.record(offset, len);
         Ok(())
     }
@@ -337,7 +358,7 @@ impl Provider for VolatilityMonitor {
         self.inner.cancel_writes(offset, len)
     }
     async fn close(&self) -> Result<()> {
-        self.inner.close().await
+        (*self.inner).close().await
     }
 }
 
@@ -375,5 +396,42 @@ mod tests {
         assert!(v.remove(5));
         assert!(!v.remove(5));
         assert_eq!(v.pending(), 6);
+    }
+
+    /// Counts slide out slot by slot: writes spread over many slots, with
+    /// blocks moving between slots, always equal a model that keeps every
+    /// write's time.
+    #[tokio::test(start_paused = true)]
+    async fn counts_slide_out_slot_by_slot() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(4 * 4096));
+        let window = Duration::from_millis(80); // slots of 10 ms
+        let v = VolatilityMonitor::new(mem, 4096, window).unwrap();
+        v.add_all();
+        let start = Instant::now();
+        // (time of write, block)
+        let mut model: Vec<(Duration, u64)> = Vec::new();
+        let mut x = 7u64;
+        for step in 0..200u64 {
+            // 1..3 writes per step to pseudo-random blocks, 3 ms per step.
+            for _ in 0..(step % 3 + 1) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let b = (x >> 33) % 4;
+                v.write_slice(b * 4096, &[1; 10]).await.unwrap();
+                model.push((start.elapsed(), b));
+            }
+            tokio::time::advance(Duration::from_millis(3)).await;
+            let slot = 10_000_000u128;
+            let now_slot = start.elapsed().as_nanos() / slot;
+            for b in 0..4 {
+                // A write in slot s is counted while s + SLOTS > now.
+                let want = model
+                    .iter()
+                    .filter(|(t, mb)| *mb == b && t.as_nanos() / slot + SLOTS as u128 > now_slot)
+                    .count() as u32;
+                assert_eq!(v.volatility(b), want, "block {b} at step {step}");
+            }
+        }
     }
 }
