@@ -124,3 +124,34 @@ fn demo_refuses_a_bad_block_size() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn json_logs_go_to_stderr_one_object_per_line() {
+    let o = silo()
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "demo",
+            "--memory-size",
+            "2m",
+            "--file-size",
+            "1m",
+            "--block-size",
+            "64k",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().count() >= 2, "{err}");
+    for l in err.lines() {
+        assert!(
+            l.starts_with("{\"timestamp\":") && l.ends_with('}'),
+            "not JSON: {l}"
+        );
+    }
+    // Results stay on stdout.
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hashes: all equal"));
+}

@@ -67,7 +67,9 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let dst = tmp.path().join("dst");
-    let disk_mb = 96;
+    // Big enough that the copy outlasts several qemu-io runs (release
+    // builds copy several times faster).
+    let disk_mb = if cfg!(debug_assertions) { 96 } else { 384 };
     make_source(&src, disk_mb);
     let conf = write_config(tmp.path(), &config(&src, disk_mb));
     let (listen, nbd) = (free_addr(), free_addr());
@@ -75,7 +77,7 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
         tmp.path(),
         &conf,
         listen,
-        &["--nbd-listen", &nbd.to_string(), "--concurrency", "4"],
+        &["--nbd-listen", &nbd.to_string(), "--concurrency", "2"],
     );
     let export = format!("nbd://{nbd}/disk0");
     // One write before the migration starts.
@@ -94,7 +96,9 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
         std::thread::spawn(move || {
             let mut ok_writes = Vec::new();
             let mut i = 0u64;
-            while !done.load(Ordering::SeqCst) && i < 200 {
+            // Non-overlapping 100 KiB writes, 700 KiB apart, inside the disk.
+            let max_i = (disk_mb - 2) * 1024 / 700;
+            while !done.load(Ordering::SeqCst) && i < max_i {
                 let off = (1 << 20) + i * 700 * 1024 + 512;
                 let val = 0x20 + (i % 200) as u8;
                 let (ok, _) = tool(
@@ -127,6 +131,10 @@ fn serve_connect_with_qemu_io_writes_during_migration() {
         connect.stderr()
     );
     assert_eq!(src_rc, 0, "serve:\n{}\n{}", serve.stdout(), serve.stderr());
+    eprintln!(
+        "{} qemu-io writes completed during the migration",
+        writes.len()
+    );
     assert!(
         !writes.is_empty(),
         "no qemu-io write completed during the migration; serve said:\n{}",
@@ -440,7 +448,7 @@ fn sender_interrupted_during_bulk_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let dst = tmp.path().join("dst");
-    let disk_mb = 96;
+    let disk_mb = if cfg!(debug_assertions) { 96 } else { 384 };
     make_source(&src, disk_mb);
     let conf = write_config(tmp.path(), &config(&src, disk_mb));
     let (listen, nbd) = (free_addr(), free_addr());
