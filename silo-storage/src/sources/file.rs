@@ -12,6 +12,21 @@
 //! feature, or the environment variable `SILO_URING=off` set before the
 //! first probe).
 //!
+//! # Cached reads first (`Engine::Auto`, buffered files)
+//!
+//! With [`Engine::Auto`] on a buffered (not `O_DIRECT`) file, a read first
+//! tries `preadv2(RWF_NOWAIT)` on the calling thread: whatever the page
+//! cache holds is copied at once, with one syscall and no thread hop or ring
+//! bookkeeping (measured on a loaded 2-core VM: 4 KiB cached reads at queue
+//! depth 1 ~1.9 µs through the ring vs ~1 µs for a bare `pread`). Only the part
+//! that is not cached (`EAGAIN` or a short read) goes to the engine
+//! (io_uring, else blocking), so a read never blocks the calling thread
+//! on the device. The explicit engines ([`Engine::Uring`],
+//! [`Engine::Blocking`]) send every operation through that engine, so the
+//! test suite exercises each engine's read path on its own. Where
+//! `RWF_NOWAIT` is unsupported, the first `EOPNOTSUPP` turns the fast path
+//! off for that file.
+//!
 //! # O_DIRECT
 //!
 //! With [`FileOptions::direct`], the file is opened with `O_DIRECT`. Offsets
@@ -36,6 +51,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -179,6 +195,8 @@ pub struct FileStorage {
     opts: FileOptions,
     gate: Gate,
     pool: Mutex<Vec<AlignedBuf>>,
+    /// Reads try `preadv2(RWF_NOWAIT)` first (see the module docs).
+    cached_first: AtomicBool,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -253,6 +271,7 @@ impl FileStorage {
 
     fn build(file: File, path: &Path, size: u64, engine: Engine, opts: FileOptions) -> Self {
         tracing::debug!(path = %path.display(), size, ?engine, direct = opts.direct, "file storage opened");
+        let cached_first = opts.engine == Engine::Auto && !opts.direct;
         FileStorage {
             file: Arc::new(file),
             path: path.to_owned(),
@@ -261,6 +280,7 @@ impl FileStorage {
             opts: FileOptions { engine, ..opts },
             gate: Gate::default(),
             pool: Mutex::new(Vec::new()),
+            cached_first: AtomicBool::new(cached_first),
         }
     }
 
@@ -365,13 +385,46 @@ impl FileStorage {
             self.recycle(a);
             return Ok(buf);
         }
+        let done = self.read_cached(offset, &mut buf);
+        if done == len {
+            return Ok(buf);
+        }
+        // The rest (usually all of it) through the engine; split_off and
+        // unsplit keep the one allocation.
+        let rest = buf.split_off(done);
         let (res, b) = self
-            .submit(Kind::Read, offset, OpBuf::Read(buf), pass)
+            .submit(Kind::Read, offset + done as u64, OpBuf::Read(rest), pass)
             .await;
         res.map_err(err)?;
         match b {
-            OpBuf::Read(b) => Ok(b),
+            OpBuf::Read(b) => {
+                buf.unsplit(b);
+                Ok(buf)
+            }
             _ => Err(lost()),
+        }
+    }
+
+    /// The cached-reads-first step: how many leading bytes of `buf` the
+    /// page cache served without blocking (0 when the fast path is off).
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> usize {
+        if !self.cached_first.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match sys::read_nowait(&self.file, buf, offset) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                ) {
+                    tracing::debug!(path = %self.path.display(), error = %e, "RWF_NOWAIT reads unsupported, sending every read to the engine");
+                    self.cached_first.store(false, Ordering::Relaxed);
+                }
+                // EAGAIN (nothing cached) and real errors: the engine reads
+                // (and reports) it.
+                0
+            }
         }
     }
 
@@ -512,5 +565,87 @@ impl Provider for FileStorage {
         self.gate.close().await;
         self.pool.lock().clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 + i / 4096) as u8).collect()
+    }
+
+    /// `Engine::Auto` reads cached data inline and the rest through the
+    /// engine: fully cached, not cached at all, and cached only at the
+    /// start (a short `RWF_NOWAIT` read continued by the engine) all
+    /// return the file's bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_reads_cached_uncached_and_partly_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = pattern(1 << 20);
+        std::fs::write(&path, &data).unwrap();
+        let f = FileStorage::open(&path, Engine::Auto).unwrap();
+        assert!(f.cached_first.load(Ordering::Relaxed));
+        let raw = File::open(&path).unwrap();
+        let check = |b: &BytesMut, off: usize| {
+            assert!(b[..] == data[off..off + b.len()], "bytes at {off} differ");
+        };
+
+        // Fully cached (just written).
+        let b = f.read_at(4096, BytesMut::zeroed(65536)).await.unwrap();
+        check(&b, 4096);
+
+        // Nothing cached.
+        sys::drop_cached(&raw).unwrap();
+        let mut probe = vec![0u8; 4096];
+        let cold = sys::read_nowait(&raw, &mut probe, 512 << 10);
+        assert!(
+            matches!(&cold, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "dropped pages still cached: {cold:?}"
+        );
+        let b = f.read_at(512 << 10, BytesMut::zeroed(65536)).await.unwrap();
+        check(&b, 512 << 10);
+
+        // Only the first page cached: the inline read is short and the
+        // engine reads the rest into the same buffer.
+        sys::drop_cached(&raw).unwrap();
+        raw.read_exact_at(&mut probe, 0).unwrap();
+        // (Readahead caches a little more than the page read, far less than
+        // the whole file.)
+        let mut whole = vec![0u8; data.len()];
+        let n = sys::read_nowait(&raw, &mut whole, 0).unwrap();
+        assert!(
+            (4096..data.len()).contains(&n),
+            "want a short inline read, got {n} bytes"
+        );
+        let b = f.read_at(0, BytesMut::zeroed(data.len())).await.unwrap();
+        check(&b, 0);
+    }
+
+    /// The explicit engines never take the inline path, so the suite tests
+    /// their own read paths; O_DIRECT never does either.
+    #[test]
+    fn explicit_engines_and_direct_skip_cached_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for (opts, want) in [
+            (FileOptions::engine(Engine::Auto), true),
+            (FileOptions::engine(Engine::Blocking), false),
+            (FileOptions::engine(Engine::Uring), false),
+            (FileOptions::engine(Engine::Auto).with_direct(true), false),
+        ] {
+            let f = match FileStorage::create_with(&path, 8192, opts) {
+                Ok(f) => f,
+                // io_uring or O_DIRECT unavailable here: nothing to check.
+                Err(e) => {
+                    tracing::warn!(?opts, error = %e, "cannot open, case skipped");
+                    continue;
+                }
+            };
+            assert_eq!(f.cached_first.load(Ordering::Relaxed), want, "{opts:?}");
+        }
     }
 }

@@ -36,6 +36,55 @@ pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Re
     }
 }
 
+/// `preadv2(RWF_NOWAIT)`: reads into `buf` what the page cache can serve
+/// without blocking. `Ok(n)` may be short (only part cached) or 0 (end of
+/// file); nothing cached is `Err(WouldBlock)`; a kernel or file system
+/// without `RWF_NOWAIT` gives `EOPNOTSUPP`/`EINVAL`/`ENOSYS`.
+pub(crate) fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let off =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        loop {
+            // SAFETY: the iovec points at `buf`, valid for writes of
+            // `buf.len()` bytes and exclusively borrowed for the duration of
+            // this synchronous call; the descriptor is kept open by `file`.
+            let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (file, buf, offset);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+}
+
+/// `posix_fadvise(DONTNEED)` over the whole file: drops its clean cached
+/// pages (tests use it to make reads miss the page cache).
+#[cfg(test)]
+pub(crate) fn drop_cached(file: &File) -> io::Result<()> {
+    file.sync_all()?;
+    // SAFETY: plain syscall on a descriptor kept open by `file`; no memory
+    // is passed to the kernel.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
 /// The buffer an operation owns while the kernel may use it.
 pub(crate) enum OpBuf {
     /// Nothing (fsync, fallocate).
