@@ -11,6 +11,9 @@
 //! * **file/io_uring**, **file/blocking**: `FileStorage` with that engine on
 //!   the same file; QD1 = one task awaiting each request in turn, QD32 = 32
 //!   tasks doing the same concurrently on the shared runtime.
+//! * **file/auto**: `FileStorage` with `Engine::Auto`, which reads what the
+//!   page cache holds inline with `preadv2(RWF_NOWAIT)` and sends the rest
+//!   (and every write) to io_uring.
 //! * **memory**: `MemoryStorage` of the same size, same access pattern
 //!   (shown against the raw file figure for scale; no target).
 //!
@@ -256,6 +259,8 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
     let uring_ok = Engine::uring_available().is_ok();
     let blocking: Arc<dyn Provider> =
         Arc::new(FileStorage::open(&path, Engine::Blocking).expect("open file"));
+    let auto: Arc<dyn Provider> =
+        Arc::new(FileStorage::open(&path, Engine::Auto).expect("open file"));
 
     let mut batches = Vec::new();
     for pattern in [
@@ -307,6 +312,17 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
                 GROUP,
                 &format!("file/blocking {what}"),
                 b,
+                &raw_name,
+                r,
+                unit,
+                true,
+                target,
+            );
+            let a = run_provider(rt, auto.clone(), pattern, qd, dur);
+            report.add(
+                GROUP,
+                &format!("file/auto {what}"),
+                a,
                 &raw_name,
                 r,
                 unit,
