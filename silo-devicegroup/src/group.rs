@@ -457,7 +457,10 @@ async fn wrap_device(
 }
 
 async fn close_device(d: &Device, nbd: Option<&Arc<silo_nbd::Server>>) -> Result<()> {
-    d.lockable.unlock();
+    // Close the gate while it may still be locked: operations paused by a
+    // cut-over fail with `Closed` instead of being released onto a source
+    // that has already handed over authority (unlocking first would let
+    // them through).
     if d.exported {
         if let Some(s) = nbd {
             s.remove_export(&d.name);
