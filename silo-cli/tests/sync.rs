@@ -56,7 +56,7 @@ device "plain" {{
 fn object(s3: &S3sFs, block: u64) -> Vec<u8> {
     let p = s3
         .data_dir()
-        .join("silo/disk/blocks")
+        .join("silo/disk/disk/blocks")
         .join(format!("{block:016x}"));
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

@@ -74,6 +74,18 @@ pub enum Error {
         /// Its reason.
         reason: String,
     },
+    /// An S3 operation of a device failed (opening its bucket, starting
+    /// its sync, an S3 device).
+    #[error("device {device:?}: {context}: {source}")]
+    S3 {
+        /// Device name.
+        device: String,
+        /// What was being done.
+        context: String,
+        /// The S3 error (boxed: it is large).
+        #[source]
+        source: Box<silo_s3::S3Error>,
+    },
     /// The NBD export could not be set up.
     #[error("device {device:?}: NBD export: {reason}")]
     Nbd {
@@ -100,6 +112,14 @@ impl Error {
             device: device.to_string(),
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn s3(device: &str, context: impl Into<String>, source: silo_s3::S3Error) -> Error {
+        Error::S3 {
+            device: device.to_string(),
+            context: context.into(),
+            source: Box::new(source),
         }
     }
 

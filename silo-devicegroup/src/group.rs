@@ -32,6 +32,7 @@ use crate::device::{build_device, BuildOptions, BuiltDevice};
 use crate::error::{Error, Result};
 use crate::hooks::{CustomDataHandler, DeviceProgress, MigrateDirtyHooks, ProgressHandler};
 use crate::policy::{sanitize, ReceivePolicy};
+use crate::s3::{sync_s3_config, sync_settings, Assist, AssistMetrics, AssistedRemote, SendS3};
 use crate::schema::{decode_device_hcl, encode_device_hcl, DeviceSchema, SiloSchema};
 
 /// Custom-event sub-type of application data ([`DeviceGroup::send_custom_data`]).
@@ -70,6 +71,8 @@ pub struct GroupOptions {
     pub block_observer: Option<BlockObserverFn>,
     /// Compression of outgoing blocks (default LZ4 with zero elision).
     pub compression: silo_protocol::Compression,
+    /// Retry policy of S3 requests (sync uploads, S3 devices, grabs).
+    pub s3_retry: silo_s3::RetrySettings,
 }
 
 /// Per-block observer of a group: device index and the migrator's event.
@@ -99,6 +102,7 @@ impl Default for GroupOptions {
             serve_read_concurrency: 16,
             block_observer: None,
             compression: silo_protocol::Compression::default(),
+            s3_retry: silo_s3::RetrySettings::default(),
         }
     }
 }
@@ -132,6 +136,11 @@ impl GroupOptions {
     /// Sets the destination read wait bound.
     pub fn with_waiting_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.waiting_timeout = timeout;
+        self
+    }
+    /// Sets the retry policy of S3 requests.
+    pub fn with_s3_retry(mut self, retry: silo_s3::RetrySettings) -> Self {
+        self.s3_retry = retry;
         self
     }
     /// Sets the per-block observer (see [`GroupOptions::block_observer`]).
@@ -202,6 +211,10 @@ pub struct DeviceMetrics {
     pub waiting: Option<WaitingMetrics>,
     /// The current outgoing migration.
     pub migration: Option<Progress>,
+    /// The device's continuous S3 sync (sending devices with a `sync` block).
+    pub s3_sync: Option<silo_s3::S3SyncMetrics>,
+    /// S3-assisted migration (receiving groups).
+    pub assist: Option<AssistMetrics>,
 }
 
 /// One device with its whole stack.
@@ -216,6 +229,10 @@ struct Device {
     dirty: DirtyTrackerRemote,
     metrics: Arc<Metrics>,
     waiting: Option<(WaitingCacheLocal, WaitingCacheRemote)>,
+    /// Continuous S3 sync (sending devices with a `sync` block).
+    s3: Option<SendS3>,
+    /// S3 assist (receiving devices).
+    assist: Option<Arc<Assist>>,
     exported: bool,
 }
 
@@ -247,12 +264,14 @@ impl Provider for UrgentDest {
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> silo_storage::Result<()> {
         let b = offset / self.layout.block_size();
-        let p = if b < self.layout.num_blocks() && self.urgent.clear_if_set(b) {
-            Priority::Urgent
+        if b < self.layout.num_blocks() && self.urgent.clear_if_set(b) {
+            // The destination is waiting: data now, never a hash to fetch.
+            self.to.write_data_at(offset, data, Priority::Urgent).await
         } else {
-            Priority::Bulk
-        };
-        self.to.write_at_priority(offset, data, p).await
+            self.to
+                .write_at_priority(offset, data, Priority::Bulk)
+                .await
+        }
     }
     async fn flush(&self) -> silo_storage::Result<()> {
         self.to.flush().await
@@ -405,16 +424,34 @@ async fn wrap_device(
     let bs = schema.block_size_bytes();
     let err = |context: &str, e| Error::storage(&name, context, e);
     let layout = BlockLayout::new(built.provider.size(), bs).map_err(|e| err("block layout", e))?;
+    let mut s3 = None;
+    let mut assist = None;
+    let mut device_top = built.provider.clone();
+    if receiving {
+        let grab = schema
+            .sync
+            .as_ref()
+            .map(|sync| sync_s3_config(&schema, sync, &sync.grab_prefix, opts.s3_retry.clone()));
+        let conc = schema
+            .sync
+            .as_ref()
+            .map_or(1, |s| s.grab_concurrency as usize);
+        assist = Some(Assist::new(&name, layout, grab, conc));
+    } else if let Some(sync) = &schema.sync {
+        let (top, send) = open_send_s3(&schema, sync, &built.provider, opts).await?;
+        device_top = top;
+        s3 = Some(send);
+    }
     let (below, waiting) = if receiving {
         let (l, r) = waiting_cache(
-            built.provider.clone(),
+            device_top.clone(),
             bs,
             WaitingConfig::default().with_timeout(opts.waiting_timeout),
         )
         .map_err(|e| err("waiting cache", e))?;
         (Arc::new(l.clone()) as DynProvider, Some((l, r)))
     } else {
-        (built.provider.clone(), None)
+        (device_top, None)
     };
     let metrics = Arc::new(Metrics::new(below));
     let (local, remote) =
@@ -434,6 +471,8 @@ async fn wrap_device(
         dirty: remote,
         metrics,
         waiting,
+        s3,
+        assist,
         exported: false,
         schema,
     };
@@ -456,6 +495,43 @@ async fn wrap_device(
     Ok(dev)
 }
 
+/// The S3 sync of a sending device: a dirty tracker right above the device
+/// (every application write passes it) and an [`silo_s3::S3Sync`] to the
+/// schema's bucket. Returns the new top of the device chain.
+fn open_send_s3<'a>(
+    schema: &'a DeviceSchema,
+    sync: &'a crate::schema::SyncSchema,
+    device: &'a DynProvider,
+    opts: &'a GroupOptions,
+) -> futures::future::BoxFuture<'a, Result<(DynProvider, SendS3)>> {
+    // Boxed as `Send` here, where every lifetime is concrete: the sync's
+    // internal streams otherwise defeat the compiler's `Send` inference in
+    // the generic callers (`new_from_protocol` in a spawned task).
+    Box::pin(async move {
+        let name = schema.name.clone();
+        let bs = schema.block_size_bytes();
+        let (local, remote) = dirty_tracker(device.clone(), bs)
+            .map_err(|e| Error::storage(&name, "S3 dirty tracker", e))?;
+        let cfg = sync_s3_config(schema, sync, &sync.prefix, opts.s3_retry.clone());
+        let location = format!("{} {} {}", cfg.endpoint_name(), cfg.bucket, cfg.prefix);
+        let store = silo_s3::S3Storage::open_or_create(&cfg)
+            .await
+            .map_err(|e| Error::s3(&name, format!("opening {location}"), e))?;
+        let sync = silo_s3::S3Sync::new(remote, Arc::new(store), sync_settings(sync))
+            .await
+            .map_err(|e| Error::s3(&name, "starting the S3 sync", e))?;
+        let top: DynProvider = Arc::new(local);
+        Ok((
+            top,
+            SendS3 {
+                sync,
+                location,
+                stopped_for_migration: AtomicBool::new(false),
+            },
+        ))
+    })
+}
+
 async fn close_device(d: &Device, nbd: Option<&Arc<silo_nbd::Server>>) -> Result<()> {
     // Close the gate while it may still be locked: operations paused by a
     // cut-over fail with `Closed` instead of being released onto a source
@@ -470,6 +546,11 @@ async fn close_device(d: &Device, nbd: Option<&Arc<silo_nbd::Server>>) -> Result
         l.fail_all(silo_storage::Error::Closed {
             op: silo_storage::Op::Read,
         });
+    }
+    if let Some(s3) = &d.s3 {
+        // Stops uploads and writes the hash index, so a later sync resumes.
+        let safe = s3.sync.stop().await;
+        tracing::debug!(device = %d.name, safe = safe.len(), "S3 sync stopped");
     }
     let mut first = d
         .lockable
@@ -560,6 +641,7 @@ struct RecvHandler {
     index: usize,
     layout: BlockLayout,
     remote: WaitingCacheRemote,
+    assist: Arc<Assist>,
     state: std::sync::Weak<Receiving>,
 }
 
@@ -567,14 +649,35 @@ struct RecvHandler {
 impl FromProtocolHandler for RecvHandler {
     async fn dirty_list(&self, list: BlockList) -> Result<(), ErrorResponse> {
         let blocks = convert_blocks(&list, &self.layout);
-        self.remote.dirty(&blocks);
+        // Under the assist's block locks: a grab in progress cannot mark a
+        // dirtied block present with its old S3 copy.
+        self.assist.dirty(&self.remote, &blocks).await;
         Ok(())
+    }
+
+    async fn alternate_sources(
+        &self,
+        list: Vec<silo_protocol::AlternateSource>,
+    ) -> Result<(), ErrorResponse> {
+        self.assist
+            .alternate_sources(&list)
+            .await
+            .map_err(|why| ErrorResponse::new(ErrorCode::Unsupported, why))
+    }
+
+    async fn write_at_hash(&self, w: silo_protocol::WriteAtHash) -> Result<(), ErrorResponse> {
+        self.assist
+            .hash_write(w.offset, w.length.into(), w.sha256)
+            .map_err(|why| ErrorResponse::new(ErrorCode::Invalid, why))
     }
 
     async fn event(&self, event: Event) -> Result<(), ErrorResponse> {
         if event.kind != EventKind::Completed {
             return Ok(());
         }
+        // Blocks hash-written by the sender are present once grabbed (or
+        // fetched from the source after a failed grab).
+        self.assist.wait_idle().await;
         let missing = self.layout.num_blocks() - self.remote.availability().count();
         if missing > 0 {
             return Err(ErrorResponse::new(
@@ -680,17 +783,27 @@ impl DeviceGroup {
                 .iter()
                 .map(|d| {
                     let (local, remote) = d.waiting.clone().expect("receiving devices wait");
+                    let assist = d.assist.clone().expect("receiving devices have an assist");
                     let handler = RecvHandler {
                         index: d.index,
                         layout: d.layout,
                         remote: remote.clone(),
+                        assist: assist.clone(),
                         state: weak.clone(),
                     };
+                    let provider = Arc::new(AssistedRemote {
+                        remote,
+                        assist: assist.clone(),
+                    });
                     let from = Arc::new(
-                        FromProtocol::new(conn.clone(), d.index as u32 + 1, Arc::new(remote))
+                        FromProtocol::new(conn.clone(), d.index as u32 + 1, provider)
                             .with_handler(Arc::new(handler)),
                     );
-                    local.set_need_handler(Arc::new(from.need_at_fn()));
+                    let need = from.need_at_fn();
+                    local.set_need_handler(Arc::new(move |offset, len| {
+                        need(offset, len);
+                        assist.prioritise(offset, len);
+                    }));
                     local.set_dont_need_handler(Arc::new(from.dont_need_at_fn()));
                     from
                 })
@@ -715,6 +828,11 @@ impl DeviceGroup {
             closed: AtomicBool::new(false),
         });
         let mut tasks = Vec::new();
+        for (d, from) in group.devices.iter().zip(&receiving.from) {
+            if let (Some(a), Some((_, remote))) = (&d.assist, &d.waiting) {
+                tasks.extend(a.spawn_dispatcher(from.clone(), remote.clone()));
+            }
+        }
         for from in &receiving.from {
             let from = from.clone();
             tasks.push(tokio::spawn(async move {
@@ -902,7 +1020,18 @@ impl DeviceGroup {
             volatility_writes: d.volatility.total_writes(),
             waiting: d.waiting.as_ref().map(|(l, _)| l.metrics()),
             migration,
+            s3_sync: d.s3.as_ref().map(|s| s.sync.metrics()),
+            assist: d.assist.as_ref().map(|a| a.metrics()),
         })
+    }
+
+    /// The continuous S3 sync of a sending device with a `sync` block (to
+    /// start, stop or force passes; `migrate_all` stops it and sends its
+    /// safe blocks as alternate sources).
+    pub fn s3_sync(&self, name: &str) -> Option<&silo_s3::S3Sync> {
+        self.device(name)
+            .and_then(|d| d.s3.as_ref())
+            .map(|s| &s.sync)
     }
 
     /// Every device's progress in the current outgoing migration.
@@ -1126,6 +1255,18 @@ impl DeviceGroup {
                 .map(|d| d.layout.size())
                 .collect::<Vec<_>>(),
         );
+        for (d, sd) in self.devices.iter().zip(&s.devices) {
+            if sd.migrator().is_none() {
+                if let Some(s3) = &d.s3 {
+                    or_closed(
+                        &s.conn,
+                        "alternate sources",
+                        send_alternate_sources(d, sd, s3),
+                    )
+                    .await?;
+                }
+            }
+        }
         let mut migrators = Vec::with_capacity(self.devices.len());
         for (d, sd) in self.devices.iter().zip(&s.devices) {
             let m = match sd.migrator() {
@@ -1246,6 +1387,8 @@ impl DeviceGroup {
         let s = self.session("migrate_dirty")?;
         let mut ms = Vec::new();
         for (d, sd) in self.devices.iter().zip(&s.devices) {
+            // Dirty blocks changed after the S3 copy: they travel with data.
+            sd.to.clear_alternate_sources();
             ms.push(sd.migrator().ok_or_else(|| {
                 Error::State(format!(
                     "migrate_dirty needs migrate_all first (device {:?})",
@@ -1410,6 +1553,33 @@ impl DeviceGroup {
         )
         .await;
         results.into_iter().collect::<Result<Vec<_>>>().map(|_| ())
+    }
+}
+
+/// Stops a device's S3 sync and tells the receiver which blocks it can
+/// fetch from S3. A receiver that declines (no S3 settings, bucket not
+/// reachable, manifest mismatch) gets every block over the wire instead.
+async fn send_alternate_sources(d: &Device, sd: &SendDevice, s3: &SendS3) -> Result<()> {
+    let list = s3.stop_for_migration(&d.layout).await;
+    if list.is_empty() {
+        return Ok(());
+    }
+    let n = list.len();
+    match sd.to.send_alternate_sources(list).await {
+        Ok(()) => {
+            tracing::info!(device = %d.name, blocks = n, "S3 assist: alternate sources sent");
+            Ok(())
+        }
+        Err(e @ silo_protocol::Error::ConnectionClosed(_)) => Err(Error::protocol(
+            format!("device {:?}: alternate sources", d.name),
+            e,
+        )),
+        Err(e) => {
+            tracing::warn!(device = %d.name, error = %e,
+                "the receiver declined S3 assist; sending every block over the wire");
+            sd.to.clear_alternate_sources();
+            Ok(())
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod error;
 mod group;
 pub mod hooks;
 pub mod policy;
+pub mod s3;
 pub mod schema;
 
 pub use device::{build_device, BuildOptions, BuiltDevice};
@@ -36,6 +37,7 @@ pub use hooks::{
     ProgressHandler,
 };
 pub use policy::{rewrite_paths_into, sanitize, PolicyError, ReceivePolicy, ReceiverS3};
+pub use s3::{device_prefix, sync_s3_config, sync_settings, AssistMetrics};
 pub use schema::{
     decode_device_hcl, encode_device_hcl, DeviceSchema, Format, MigrationSchema, SchemaError,
     SiloSchema, SyncConfigSchema, SyncSchema, System, WriteCacheSchema,

@@ -161,6 +161,19 @@ impl ToProtocol {
                     });
             }
         }
+        self.write_data_at(offset, data, priority).await
+    }
+
+    /// Writes `data` at `offset` as write-at frames, never as a write-at-hash
+    /// (for blocks the destination is waiting for: fetching them from the
+    /// source's data is faster than from an alternate source).
+    pub async fn write_data_at(
+        &self,
+        offset: u64,
+        data: Bytes,
+        priority: Priority,
+    ) -> silo_storage::Result<()> {
+        check_range(Op::Write, offset, data.len() as u64, self.size)?;
         let compression = *self.compression.lock();
         let chunk = self.max_chunk() as usize;
         let mut at = 0usize;

@@ -601,7 +601,10 @@ async fn resume(
     let layout = tracker.layout();
     let mut stored = HashIndex::new(layout);
     let mut dropped = 0u64;
-    let mut hashes = futures::stream::iter(index.iter().map(|(b, h)| (b, *h)))
+    // Owned entries: a stream over a borrowing iterator with a closure makes
+    // this future's `Send` unprovable for callers (higher-ranked lifetimes).
+    let entries: Vec<(u64, [u8; 32])> = index.iter().map(|(b, h)| (b, *h)).collect();
+    let mut hashes = futures::stream::iter(entries)
         .map(|(b, want)| async move {
             let r = layout.block_range(b);
             let data = tracker

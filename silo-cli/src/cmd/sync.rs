@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use silo_devicegroup::{build_device, BuildOptions, BuiltDevice, DeviceSchema};
-use silo_s3::{Credentials, S3Config, S3Storage, S3Sync, SyncSettings};
+use silo_s3::{RetrySettings, S3Config, S3Storage, S3Sync, SyncSettings};
 use silo_storage::dirty::dirty_tracker;
 use silo_storage::DynProvider;
 
@@ -21,31 +21,16 @@ pub struct Args {
     pub nbd_listen: Option<SocketAddr>,
 }
 
-/// The S3 settings of a device's `sync` block.
+/// The S3 settings of a device's `sync` block: the same mapping the device
+/// group uses (objects under `<prefix>/<device name>`, one per `blocksize`),
+/// so a migration's receiver finds what `silo sync` uploaded.
 pub fn settings_of(d: &DeviceSchema) -> Option<(S3Config, SyncSettings)> {
     let s = d.sync.as_ref()?;
-    let c = &s.config;
+    let cfg = silo_devicegroup::sync_s3_config(d, s, &s.prefix, RetrySettings::default());
     let settings = SyncSettings {
-        only_dirty: c.only_dirty,
-        block_shift: c.block_shift,
-        max_age: c.max_age,
-        min_changed: c.min_changed,
-        check_period: c.check_period,
-        limit: c.limit as usize,
-        concurrency: c.concurrency as usize,
         autostart: false,
-        ..SyncSettings::default()
+        ..silo_devicegroup::sync_settings(s)
     };
-    let scheme = if s.secure { "https" } else { "http" };
-    let mut cfg = S3Config::new(
-        Some(format!("{scheme}://{}", s.endpoint)),
-        s.bucket.clone(),
-        s.prefix.clone(),
-        Credentials::new(s.access_key.clone(), s.secret_key.clone()),
-        d.size_bytes(),
-    );
-    cfg.allow_http = !s.secure;
-    cfg.concurrency = (c.concurrency as usize).max(1);
     Some((cfg, settings))
 }
 
