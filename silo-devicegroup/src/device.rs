@@ -13,8 +13,10 @@
 //!   `blocksize` bytes each (created if missing, size-checked otherwise),
 //!   as Go silo does.
 //! * `sparsefile`: [`SparseFile`], resumed if it exists (size checked).
-//! * `s3`: not supported by device construction yet ([`Error::Unsupported`]);
-//!   the seam is [`build_base`].
+//! * `s3`: [`S3Storage`] at `location = "s3://bucket/prefix"` (one object
+//!   per block, a manifest checked on open), reached with
+//!   [`BuildOptions::s3`] or the AWS environment variables — endpoints and
+//!   keys are never part of a schema.
 //! * `source { … }`: the device overlays a base built from the nested schema
 //!   copy-on-write; the overlay map is persisted to the `source` label's file;
 //!   `sourceshared` marks the base as present on the destination too.
@@ -36,7 +38,9 @@ use silo_storage::sources::{Engine, FileStorage, SparseFile};
 use silo_storage::{DynProvider, MemoryStorage, Provider};
 
 use crate::error::{Error, Result};
+use crate::s3::S3Access;
 use crate::schema::{DeviceSchema, System};
+use silo_s3::S3Storage;
 
 /// Options of device construction.
 #[derive(Debug, Clone, Default)]
@@ -44,12 +48,20 @@ use crate::schema::{DeviceSchema, System};
 pub struct BuildOptions {
     /// I/O engine of `file` devices (default: io_uring when available).
     pub file_engine: Engine,
+    /// How `system = "s3"` devices reach S3 (default: from the environment,
+    /// see [`S3Access::from_env`]).
+    pub s3: Option<S3Access>,
 }
 
 impl BuildOptions {
     /// Sets the file engine.
     pub fn with_file_engine(mut self, engine: Engine) -> Self {
         self.file_engine = engine;
+        self
+    }
+    /// Sets the S3 access of `system = "s3"` devices.
+    pub fn with_s3(mut self, access: S3Access) -> Self {
+        self.s3 = Some(access);
         self
     }
 }
@@ -253,10 +265,27 @@ pub async fn build_base(schema: &DeviceSchema, opts: &BuildOptions) -> Result<Dy
             };
             Ok(Arc::new(sparse))
         }
-        System::S3 => Err(Error::Unsupported {
-            device: name.to_string(),
-            what: "system \"s3\" as a device".into(),
-        }),
+        System::S3 => {
+            let location = location()?.to_string_lossy().into_owned();
+            crate::s3::parse_s3_location(&location)
+                .map_err(|why| Error::State(format!("device {name:?}: {why}")))?;
+            let access = match &opts.s3 {
+                Some(a) => a.clone(),
+                None => S3Access::from_env()
+                    .map_err(|e| Error::s3(name, "S3 access for system s3 (environment)", e))?,
+            };
+            let cfg = access.device_config(schema).map_err(Error::State)?;
+            let what = format!(
+                "opening s3://{}/{} at {}",
+                cfg.bucket,
+                cfg.prefix,
+                cfg.endpoint_name()
+            );
+            let dev = S3Storage::open_or_create(&cfg)
+                .await
+                .map_err(|e| Error::s3(name, what, e))?;
+            Ok(Arc::new(dev))
+        }
     }
 }
 

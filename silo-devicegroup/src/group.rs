@@ -744,7 +744,25 @@ impl DeviceGroup {
     where
         T: FnMut(usize, DeviceSchema) -> DeviceSchema + Send,
     {
-        let opts = options.group.clone();
+        let mut opts = options.group.clone();
+        if opts.build.s3.is_none() {
+            // `system = "s3"` devices of a receiver live in its own bucket
+            // (the policy put them there), reached with its own keys.
+            if let Some(r) = &options.policy.s3 {
+                let scheme = if r.secure { "https" } else { "http" };
+                let endpoint = if r.endpoint.contains("://") {
+                    r.endpoint.clone()
+                } else {
+                    format!("{scheme}://{}", r.endpoint)
+                };
+                let mut access = crate::s3::S3Access::new(
+                    Some(endpoint),
+                    silo_s3::Credentials::new(r.access_key.clone(), r.secret_key.clone()),
+                );
+                access.retry = opts.s3_retry.clone();
+                opts.build.s3 = Some(access);
+            }
+        }
         let mut infos = conn
             .incoming(0, Kind::DeviceGroupInfo)
             .map_err(|e| Error::protocol("waiting for the device group info", e))?;

@@ -37,7 +37,9 @@ pub use hooks::{
     ProgressHandler,
 };
 pub use policy::{rewrite_paths_into, sanitize, PolicyError, ReceivePolicy, ReceiverS3};
-pub use s3::{device_prefix, sync_s3_config, sync_settings, AssistMetrics};
+pub use s3::{
+    device_prefix, parse_s3_location, sync_s3_config, sync_settings, AssistMetrics, S3Access,
+};
 pub use schema::{
     decode_device_hcl, encode_device_hcl, DeviceSchema, Format, MigrationSchema, SchemaError,
     SiloSchema, SyncConfigSchema, SyncSchema, System, WriteCacheSchema,

@@ -253,6 +253,18 @@ fn check_limits(
 }
 
 fn apply_receiver_settings(policy: &ReceivePolicy, d: &mut DeviceSchema, depth: usize) {
+    if d.system == System::S3 {
+        // Never the sender's bucket: the receiver's own, under its prefix
+        // (without receiver S3 settings the device has no location and is
+        // refused).
+        d.location = policy.s3.as_ref().map(|s3| {
+            PathBuf::from(format!(
+                "s3://{}/{}",
+                s3.bucket,
+                crate::s3::device_prefix(&s3.prefix, &d.name)
+            ))
+        });
+    }
     if d.expose && (!policy.allow_expose || depth > 0) {
         tracing::info!(device = %d.name, "ignoring the sender's expose = true (receiver policy)");
         d.expose = false;

@@ -102,6 +102,93 @@ pub fn sync_s3_config(
     cfg
 }
 
+/// Where and how `system = "s3"` devices reach S3: the endpoint and the
+/// credentials. They are never part of a schema (Go silo keeps keys in
+/// plaintext in its configs); set them in
+/// [`BuildOptions::s3`](crate::BuildOptions::s3), or let
+/// [`S3Access::from_env`] read the usual AWS variables.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct S3Access {
+    /// Endpoint URL (`http://127.0.0.1:9000`); `None` means AWS.
+    pub endpoint: Option<String>,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// Allow a plain-HTTP endpoint.
+    pub allow_http: bool,
+    /// Concurrent requests per device.
+    pub concurrency: usize,
+    /// Retry policy.
+    pub retry: RetrySettings,
+}
+
+impl S3Access {
+    /// Access to `endpoint` with `credentials` (plain HTTP allowed when the
+    /// endpoint URL says `http://`), 16 concurrent requests, default retries.
+    pub fn new(endpoint: Option<String>, credentials: Credentials) -> Self {
+        let allow_http = endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        S3Access {
+            endpoint,
+            credentials,
+            allow_http,
+            concurrency: silo_s3::config::DEFAULT_CONCURRENCY,
+            retry: RetrySettings::default(),
+        }
+    }
+
+    /// From the environment: `AWS_ENDPOINT_URL` (optional),
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`.
+    pub fn from_env() -> Result<Self, silo_s3::S3Error> {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .ok()
+            .filter(|e| !e.is_empty());
+        Ok(S3Access::new(endpoint, Credentials::from_env()?))
+    }
+
+    /// The configuration of `system = "s3"` device `d`.
+    pub fn device_config(&self, d: &DeviceSchema) -> Result<S3Config, String> {
+        let location = d
+            .location
+            .as_deref()
+            .map(|l| l.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("device {:?}: system s3 needs a location", d.name))?;
+        let (bucket, prefix) = parse_s3_location(&location)?;
+        let mut cfg = S3Config::new(
+            self.endpoint.clone(),
+            bucket,
+            prefix,
+            self.credentials.clone(),
+            d.size_bytes(),
+        );
+        cfg.allow_http = self.allow_http;
+        cfg.block_size = d.block_size_bytes();
+        cfg.concurrency = self.concurrency.max(1);
+        cfg.retry = self.retry.clone();
+        Ok(cfg)
+    }
+}
+
+/// Splits `s3://bucket/prefix` into bucket and key prefix (which may be
+/// empty).
+pub fn parse_s3_location(location: &str) -> Result<(String, String), String> {
+    let rest = location.strip_prefix("s3://").ok_or_else(|| {
+        format!("an s3 device's location must look like s3://bucket/prefix, not {location:?}")
+    })?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(format!("no bucket in the s3 location {location:?}"));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix.split('/').any(|part| part == "." || part == "..") {
+        return Err(format!(
+            "the s3 location {location:?} has a . or .. segment"
+        ));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
 /// The sync settings of a `sync` block.
 ///
 /// S3 objects and dirty tracking are per `blocksize`; `blockshift` (Go

@@ -341,3 +341,90 @@ async fn wrong_credentials_are_an_error_at_start_up() {
     };
     assert!(source.is_authentication(), "{e}");
 }
+
+/// A `system = "s3"` device migrates into the receiver's own bucket and
+/// prefix (the sender's location is never used by the receiver), with the
+/// receiver's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_device_migrates_into_the_receivers_bucket() {
+    let s3 = S3sFs::start();
+    s3.create_bucket(BUCKET);
+    s3.create_bucket("theirs");
+    let size = 4 * MIB + 12345;
+    let mut d = DeviceSchema::new("disk", silo_devicegroup::System::S3, size);
+    d.block_size = Some(256 << 10);
+    d.location = Some("s3://theirs/src".into());
+    d.validate().unwrap();
+    let access = silo_devicegroup::S3Access::new(Some(s3.endpoint()), s3.credentials());
+    let src = DeviceGroup::new_from_schema(
+        vec![d],
+        opts().with_build(silo_devicegroup::BuildOptions::default().with_s3(access)),
+    )
+    .await
+    .unwrap();
+    let p = src.provider("disk").unwrap();
+    write_pattern(&p, 0, size as usize, 5).await;
+    assert!(
+        s3.data_dir().join("theirs/src/blocks").is_dir(),
+        "the sender's blocks are objects in its bucket"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tcp_pair().await;
+    let rs3 = receiver_s3(&s3);
+    let base = dir.path().to_path_buf();
+    let recv = tokio::spawn(async move {
+        let mut policy = ReceivePolicy::new(&base);
+        policy.s3 = Some(rs3);
+        policy.allowed_systems.push(silo_devicegroup::System::S3);
+        DeviceGroup::new_from_protocol(
+            b,
+            |_, s: DeviceSchema| s,
+            ReceiveOptions::new(policy).with_group(opts()),
+        )
+        .await
+    });
+    src.start_migration_to(a).await.unwrap();
+    let dst = recv.await.unwrap().unwrap();
+    assert_eq!(
+        dst.schema("disk").unwrap().location.as_deref(),
+        Some(std::path::Path::new("s3://silo/dst/disk")),
+        "the receiver's bucket and prefix, not the sender's"
+    );
+    src.migrate_all(8, None).await.unwrap();
+    cut_over(&src, &dst).await;
+    let sp: DynProvider = src.unlocked_provider("disk").unwrap();
+    let dp: DynProvider = dst.provider("disk").unwrap();
+    let want = sha(&sp).await;
+    assert_eq!(want, sha(&dp).await);
+    assert!(s3.data_dir().join(BUCKET).join("dst/disk/blocks").is_dir());
+    src.close_all().await.unwrap();
+    dst.close_all().await.unwrap();
+    // Reopened from the bucket, the received device still holds the data.
+    let mut again = DeviceSchema::new("disk", silo_devicegroup::System::S3, size);
+    again.block_size = Some(256 << 10);
+    again.location = Some("s3://silo/dst/disk".into());
+    let access = silo_devicegroup::S3Access::new(Some(s3.endpoint()), s3.credentials());
+    let built = silo_devicegroup::build_device(
+        &again,
+        &silo_devicegroup::BuildOptions::default().with_s3(access),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sha(&built.provider).await, want);
+    built.close().await.unwrap();
+}
+
+/// Bad S3 locations are schema errors with the field named.
+#[test]
+fn s3_locations_are_validated() {
+    for bad in ["bucket/prefix", "s3://", "s3:///x", "s3://b/../x"] {
+        let text = format!(
+            "device \"d\" {{\n  system = \"s3\"\n  size = \"1m\"\n  location = \"{bad}\"\n}}\n"
+        );
+        let e = SiloSchema::parse_hcl(&text, "x.conf").unwrap_err();
+        assert!(e.to_string().contains("location"), "{bad}: {e}");
+    }
+    let ok = "device \"d\" {\n  system = \"s3\"\n  size = \"1m\"\n  location = \"s3://b/p/q\"\n}\n";
+    SiloSchema::parse_hcl(ok, "x.conf").unwrap();
+}

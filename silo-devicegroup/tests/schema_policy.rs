@@ -278,7 +278,7 @@ fn absurd_sizes_are_refused() {
 #[test]
 fn systems_outside_the_policy_are_refused() {
     let dir = base();
-    let d = from_wire("system = \"s3\"\nsize = \"1g\"\n");
+    let d = from_wire("system = \"s3\"\nsize = \"1g\"\nlocation = \"s3://theirs/x\"\n");
     let e = sanitize(&ReceivePolicy::new(dir.path()), d.clone()).unwrap_err();
     assert!(
         matches!(
@@ -290,9 +290,19 @@ fn systems_outside_the_policy_are_refused() {
         ),
         "{e}"
     );
+    // Allowed, but the sender's bucket is never used: without S3 settings
+    // of its own the receiver has nowhere to put the device.
     let mut policy = ReceivePolicy::new(dir.path());
     policy.allowed_systems.push(System::S3);
-    sanitize(&policy, d).unwrap();
+    let e = sanitize(&policy, d.clone()).unwrap_err();
+    assert!(e.to_string().contains("location"), "{e}");
+    policy.s3 = Some(receiver_s3());
+    let got = sanitize(&policy, d).unwrap();
+    let want = format!(
+        "s3://mine/{}",
+        silo_devicegroup::device_prefix(&receiver_s3().prefix, "disk")
+    );
+    assert_eq!(got.location, Some(PathBuf::from(want)));
 }
 
 #[test]

@@ -112,7 +112,7 @@ impl System {
 
     /// Whether this system stores its data at `location`.
     pub fn needs_location(self) -> bool {
-        matches!(self, System::File | System::SparseFile)
+        matches!(self, System::File | System::SparseFile | System::S3)
     }
 }
 
@@ -416,8 +416,16 @@ impl DeviceSchema {
         depth: usize,
         f: &mut dyn FnMut(PathField, usize, &mut PathBuf) -> Result<(), E>,
     ) -> Result<(), E> {
+        // An S3 device's `location` is an `s3://` URL, not a path.
+        let location = if self.system == System::S3 {
+            None
+        } else {
+            Some(&mut self.location)
+        };
+        if let Some(Some(p)) = location {
+            f(PathField::Location, depth, p)?;
+        }
         for (field, slot) in [
-            (PathField::Location, &mut self.location),
             (PathField::SourceHashes, &mut self.source_hashes),
             (PathField::LoadBinlog, &mut self.load_binlog),
             (PathField::Binlog, &mut self.binlog),

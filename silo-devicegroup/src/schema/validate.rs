@@ -247,6 +247,14 @@ fn check_device(
             check_text(s, "path", loc, index, &fp)?;
         }
     }
+    if dev.system == super::System::S3 {
+        if let Some(l) = &dev.location {
+            let l = l.to_string_lossy();
+            if let Err(why) = crate::s3::parse_s3_location(&l) {
+                return Err(invalid(&path.child("location"), why));
+            }
+        }
+    }
 
     if let Some(src) = dev.source.as_deref() {
         let sp = path.child(format!("source {}", super::error::quote(&src.name)));
