@@ -1134,7 +1134,7 @@ impl DeviceGroup {
                             size: d.layout.size(),
                             block_size: d.layout.block_size() as u32,
                             name: d.name.clone(),
-                            schema: encode_device_hcl(&d.schema),
+                            schema: encode_device_hcl(&without_credentials(&d.schema)),
                         },
                     )
                 })
@@ -1572,6 +1572,21 @@ impl DeviceGroup {
         .await;
         results.into_iter().collect::<Result<Vec<_>>>().map(|_| ())
     }
+}
+
+/// `schema` as it is sent to a receiver: S3 keys blanked (they never travel;
+/// the receiver's policy supplies its own).
+fn without_credentials(schema: &DeviceSchema) -> DeviceSchema {
+    let mut s = schema.clone();
+    let mut at = Some(&mut s);
+    while let Some(d) = at {
+        if let Some(sync) = d.sync.as_mut() {
+            sync.access_key.clear();
+            sync.secret_key.clear();
+        }
+        at = d.source.as_deref_mut();
+    }
+    s
 }
 
 /// Stops a device's S3 sync and tells the receiver which blocks it can

@@ -428,3 +428,35 @@ fn s3_locations_are_validated() {
     let ok = "device \"d\" {\n  system = \"s3\"\n  size = \"1m\"\n  location = \"s3://b/p/q\"\n}\n";
     SiloSchema::parse_hcl(ok, "x.conf").unwrap();
 }
+
+/// The group info a sender puts on the wire carries no S3 keys (the
+/// receiver uses its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_keys_never_travel_over_the_wire() {
+    let s3 = S3sFs::start();
+    s3.create_bucket(BUCKET);
+    let d = schema(&s3, "disk", 2 * MIB, "src");
+    let secret = d.sync.as_ref().unwrap().secret_key.clone();
+    let access = d.sync.as_ref().unwrap().access_key.clone();
+    let src = DeviceGroup::new_from_schema(vec![d], opts()).await.unwrap();
+    let (a, b) = tcp_pair().await;
+    let mut infos = b.incoming(0, silo_protocol::Kind::DeviceGroupInfo).unwrap();
+    let start = {
+        let src = src.clone();
+        tokio::spawn(async move { src.start_migration_to(a).await })
+    };
+    let info = tokio::time::timeout(Duration::from_secs(10), infos.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let silo_protocol::Message::DeviceGroupInfo(info) = &info.message else {
+        panic!("expected group info");
+    };
+    let text = &info.devices[0].1.schema;
+    assert!(text.contains("sync"), "the sync block is sent: {text}");
+    assert!(!text.contains(&secret), "secret key on the wire: {text}");
+    assert!(!text.contains(&access), "access key on the wire: {text}");
+    b.close();
+    assert!(start.await.unwrap().is_err(), "no receiver answered");
+    src.close_all().await.unwrap();
+}
