@@ -230,7 +230,10 @@ struct Device {
     metrics: Arc<Metrics>,
     waiting: Option<(WaitingCacheLocal, WaitingCacheRemote)>,
     /// Continuous S3 sync (sending devices with a `sync` block).
-    s3: Option<SendS3>,
+    s3: Arc<std::sync::OnceLock<SendS3>>,
+    /// A receiving device's own sync, started once its migration completed
+    /// (receiver policy `auto_start`).
+    recv_sync: Option<Arc<PendingSync>>,
     /// S3 assist (receiving devices).
     assist: Option<Arc<Assist>>,
     exported: bool,
@@ -424,10 +427,24 @@ async fn wrap_device(
     let bs = schema.block_size_bytes();
     let err = |context: &str, e| Error::storage(&name, context, e);
     let layout = BlockLayout::new(built.provider.size(), bs).map_err(|e| err("block layout", e))?;
-    let mut s3 = None;
+    let s3 = Arc::new(std::sync::OnceLock::new());
     let mut assist = None;
+    let mut recv_sync = None;
     let mut device_top = built.provider.clone();
     if receiving {
+        if let Some(sync) = schema.sync.as_ref().filter(|s| s.auto_start) {
+            // Tracks every write from the start (the migration's too), so
+            // the sync started at completion knows what it has uploaded.
+            let (local, remote) = dirty_tracker(built.provider.clone(), bs)
+                .map_err(|e| err("S3 dirty tracker", e))?;
+            device_top = Arc::new(local);
+            recv_sync = Some(Arc::new(PendingSync {
+                tracker: Mutex::new(Some(remote)),
+                config: sync_s3_config(&schema, sync, &sync.prefix, opts.s3_retry.clone()),
+                settings: sync_settings(sync),
+                slot: s3.clone(),
+            }));
+        }
         let grab = schema
             .sync
             .as_ref()
@@ -440,7 +457,7 @@ async fn wrap_device(
     } else if let Some(sync) = &schema.sync {
         let (top, send) = open_send_s3(&schema, sync, &built.provider, opts).await?;
         device_top = top;
-        s3 = Some(send);
+        let _ = s3.set(send);
     }
     let (below, waiting) = if receiving {
         let (l, r) = waiting_cache(
@@ -472,6 +489,7 @@ async fn wrap_device(
         metrics,
         waiting,
         s3,
+        recv_sync,
         assist,
         exported: false,
         schema,
@@ -493,6 +511,52 @@ async fn wrap_device(
         dev.exported = true;
     }
     Ok(dev)
+}
+
+/// A receiving device's own S3 sync, waiting for the migration to complete.
+struct PendingSync {
+    tracker: Mutex<Option<DirtyTrackerRemote>>,
+    config: silo_s3::S3Config,
+    settings: silo_s3::SyncSettings,
+    slot: Arc<std::sync::OnceLock<SendS3>>,
+}
+
+impl PendingSync {
+    /// Starts the sync in the background (once): it uploads the received
+    /// device to the receiver's own prefix and keeps it synced, so this
+    /// group can be an S3-assisted source for the next hop.
+    fn start(&self) {
+        let Some(tracker) = self.tracker.lock().take() else {
+            return;
+        };
+        let cfg = self.config.clone();
+        let settings = silo_s3::SyncSettings {
+            autostart: true,
+            ..self.settings.clone()
+        };
+        let slot = self.slot.clone();
+        tokio::spawn(async move {
+            let location = format!("{} {} {}", cfg.endpoint_name(), cfg.bucket, cfg.prefix);
+            let r = async {
+                let store = silo_s3::S3Storage::open_or_create(&cfg).await?;
+                silo_s3::S3Sync::new(tracker, Arc::new(store), settings).await
+            }
+            .await;
+            match r {
+                Ok(sync) => {
+                    tracing::info!(%location, "receiver's S3 sync started");
+                    let _ = slot.set(SendS3 {
+                        sync,
+                        location,
+                        stopped_for_migration: AtomicBool::new(false),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%location, error = %e, "could not start the receiver's S3 sync")
+                }
+            }
+        });
+    }
 }
 
 /// The S3 sync of a sending device: a dirty tracker right above the device
@@ -547,7 +611,7 @@ async fn close_device(d: &Device, nbd: Option<&Arc<silo_nbd::Server>>) -> Result
             op: silo_storage::Op::Read,
         });
     }
-    if let Some(s3) = &d.s3 {
+    if let Some(s3) = d.s3.get() {
         // Stops uploads and writes the hash index, so a later sync resumes.
         let safe = s3.sync.stop().await;
         tracing::debug!(device = %d.name, safe = safe.len(), "S3 sync stopped");
@@ -642,6 +706,7 @@ struct RecvHandler {
     layout: BlockLayout,
     remote: WaitingCacheRemote,
     assist: Arc<Assist>,
+    sync: Option<Arc<PendingSync>>,
     state: std::sync::Weak<Receiving>,
 }
 
@@ -689,6 +754,9 @@ impl FromProtocolHandler for RecvHandler {
             state.completed[self.index].store(true, Ordering::SeqCst);
             state.changed.notify_waiters();
             tracing::debug!(device = self.index, "device migration completed");
+        }
+        if let Some(p) = &self.sync {
+            p.start();
         }
         Ok(())
     }
@@ -807,6 +875,7 @@ impl DeviceGroup {
                         layout: d.layout,
                         remote: remote.clone(),
                         assist: assist.clone(),
+                        sync: d.recv_sync.clone(),
                         state: weak.clone(),
                     };
                     let provider = Arc::new(AssistedRemote {
@@ -1038,7 +1107,7 @@ impl DeviceGroup {
             volatility_writes: d.volatility.total_writes(),
             waiting: d.waiting.as_ref().map(|(l, _)| l.metrics()),
             migration,
-            s3_sync: d.s3.as_ref().map(|s| s.sync.metrics()),
+            s3_sync: d.s3.get().map(|s| s.sync.metrics()),
             assist: d.assist.as_ref().map(|a| a.metrics()),
         })
     }
@@ -1047,9 +1116,7 @@ impl DeviceGroup {
     /// start, stop or force passes; `migrate_all` stops it and sends its
     /// safe blocks as alternate sources).
     pub fn s3_sync(&self, name: &str) -> Option<&silo_s3::S3Sync> {
-        self.device(name)
-            .and_then(|d| d.s3.as_ref())
-            .map(|s| &s.sync)
+        self.device(name).and_then(|d| d.s3.get()).map(|s| &s.sync)
     }
 
     /// Every device's progress in the current outgoing migration.
@@ -1275,7 +1342,7 @@ impl DeviceGroup {
         );
         for (d, sd) in self.devices.iter().zip(&s.devices) {
             if sd.migrator().is_none() {
-                if let Some(s3) = &d.s3 {
+                if let Some(s3) = d.s3.get() {
                     or_closed(
                         &s.conn,
                         "alternate sources",

@@ -460,3 +460,62 @@ async fn s3_keys_never_travel_over_the_wire() {
     assert!(start.await.unwrap().is_err(), "no receiver answered");
     src.close_all().await.unwrap();
 }
+
+/// With `auto_start`, a receiver starts its own sync to its own prefix once
+/// its migration completed, and becomes an S3-assisted source for the next
+/// hop: A → B (assisted from A's objects) → C (assisted from B's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_syncs_itself_and_assists_the_next_hop() {
+    let s3 = S3sFs::start();
+    let size = 8 * MIB;
+    let a_group = synced_sender(&s3, size, &[1]).await;
+    let hop = |prefix: &str| {
+        let mut r = receiver_s3(&s3);
+        r.prefix = prefix.into();
+        r.auto_start = true;
+        r
+    };
+    // A → B
+    let dir_b = tempfile::tempdir().unwrap();
+    let (a, b) = tcp_pair().await;
+    let recv = spawn_s3_receiver(b, dir_b.path().to_path_buf(), Some(hop("b")));
+    a_group.start_migration_to(a).await.unwrap();
+    let b_group = recv.await.unwrap().unwrap();
+    a_group.migrate_all(8, None).await.unwrap();
+    cut_over(&a_group, &b_group).await;
+    let mb = assert_equal(&a_group, &b_group).await;
+    assert!(mb.grabbed >= 6, "A → B was assisted: {mb:?}");
+    // B uploads the received device to its own prefix.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(m) = b_group.metrics("disk").unwrap().s3_sync {
+            if m.safe_blocks == size / MIB {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's sync did not upload the device: {:?}",
+            b_group.metrics("disk").unwrap().s3_sync
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s3.data_dir().join(BUCKET).join("b/disk/blocks").is_dir());
+    // B → C, grabbing from B's prefix.
+    let dir_c = tempfile::tempdir().unwrap();
+    let (a, b) = tcp_pair().await;
+    let recv = spawn_s3_receiver(b, dir_c.path().to_path_buf(), Some(hop("c")));
+    b_group.start_migration_to(a).await.unwrap();
+    let c_group = recv.await.unwrap().unwrap();
+    b_group.migrate_all(8, None).await.unwrap();
+    cut_over(&b_group, &c_group).await;
+    let mc = assert_equal(&b_group, &c_group).await;
+    assert_eq!(
+        mc.grabbed,
+        size / MIB,
+        "B → C came from B's objects: {mc:?}"
+    );
+    for g in [a_group, b_group, c_group] {
+        g.close_all().await.unwrap();
+    }
+}

@@ -270,6 +270,18 @@ fn plain_device(size: u64) -> impl Strategy<Value = DeviceSchema> {
                 d.block_size = block_size;
                 d.expose = expose;
                 d.location = location.map(PathBuf::from);
+                if system == System::S3 {
+                    // An s3 URL: the generated text, reduced to safe key characters.
+                    let key: String = d
+                        .location
+                        .take()
+                        .map(|l| l.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric())
+                        .collect();
+                    d.location = Some(PathBuf::from(format!("s3://bucket/{key}")));
+                }
                 if system.needs_location() && d.location.is_none() {
                     d.location = Some(PathBuf::from("disk.img"));
                 }
