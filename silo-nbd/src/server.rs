@@ -1,19 +1,22 @@
 //! The async server: accept loops, handshake driver and the transmission
-//! loop (one reader, one writer task, one task per request).
+//! loop (one task per connection reads, runs and answers requests).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::RwLock;
 use silo_storage::provider::write_zeroes_by_writing;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -373,9 +376,13 @@ where
 /// Read buffers of one connection, reused once their reply is written:
 /// no allocation, page faults or zero-filling per read on the hot path.
 /// Holds at most [`BufPool::MAX_BYTES`], buffers up to [`BufPool::MAX_BUF`].
+/// Owned by the connection task (no lock); the most recently returned
+/// buffer is handed out first, so a connection whose replies are written
+/// as fast as they are produced keeps cycling one cache-hot buffer.
 #[derive(Default)]
 struct BufPool {
-    free: parking_lot::Mutex<(Vec<BytesMut>, usize)>,
+    free: Vec<BytesMut>,
+    bytes: usize,
 }
 
 impl BufPool {
@@ -384,20 +391,11 @@ impl BufPool {
 
     /// A buffer of exactly `len` initialised bytes (contents unspecified:
     /// providers overwrite all of it, and on error it is not sent).
-    fn get(&self, len: usize) -> BytesMut {
-        let reused = {
-            let mut free = self.free.lock();
-            match free.0.iter().position(|b| b.capacity() >= len) {
-                Some(i) => {
-                    let b = free.0.swap_remove(i);
-                    free.1 -= b.capacity();
-                    Some(b)
-                }
-                None => None,
-            }
-        };
-        match reused {
-            Some(mut b) => {
+    fn get(&mut self, len: usize) -> BytesMut {
+        match self.free.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.free.swap_remove(i);
+                self.bytes -= b.capacity();
                 if b.len() >= len {
                     b.truncate(len);
                 } else {
@@ -410,36 +408,131 @@ impl BufPool {
     }
 
     /// Takes a buffer back if nobody else holds it and it fits the bounds.
-    fn put(&self, data: Bytes) {
+    fn put(&mut self, data: Bytes) {
         if data.len() > Self::MAX_BUF || data.is_empty() {
             return;
         }
         let Ok(b) = data.try_into_mut() else {
             return;
         };
-        let mut free = self.free.lock();
-        if free.1 + b.capacity() <= Self::MAX_BYTES {
-            free.1 += b.capacity();
-            free.0.push(b);
+        if self.bytes + b.capacity() <= Self::MAX_BYTES {
+            self.bytes += b.capacity();
+            self.free.push(b);
         }
     }
 }
 
-/// A reply queued for the writer: header, optional payload, and the
-/// in-flight permit released once it is written.
+/// A reply waiting to be written: header and optional payload.
 struct Outgoing {
     head: ReplyHead,
     data: Option<Bytes>,
-    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Outgoing {
     fn head(head: ReplyHead) -> Outgoing {
-        Outgoing {
-            head,
-            data: None,
-            _permit: None,
+        Outgoing { head, data: None }
+    }
+
+    fn len(&self) -> usize {
+        self.head.as_slice().len() + self.data.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// The replies of one connection not yet written, in completion order,
+/// and the read-buffer pool their payloads go back to.
+#[derive(Default)]
+struct OutQueue {
+    queue: VecDeque<Outgoing>,
+    /// Bytes of the front reply already written.
+    front_done: usize,
+    /// Bytes queued and not yet written.
+    bytes: usize,
+    pool: BufPool,
+}
+
+impl OutQueue {
+    /// Replies handed to one `writev` at most (two slices each).
+    const BATCH: usize = 64;
+
+    fn push(&mut self, o: Outgoing) {
+        self.bytes += o.len();
+        self.queue.push_back(o);
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Forgets every queued reply (the peer is gone).
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.front_done = 0;
+        self.bytes = 0;
+    }
+
+    /// Writes queued replies until the queue is empty (`Ready(Ok)`) or the
+    /// socket is full (`Pending`, with the waker registered). Progress is
+    /// kept in `self`, so dropping the poll at any point loses nothing.
+    fn poll_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while !self.queue.is_empty() {
+            let n = {
+                let mut slices: [IoSlice<'_>; 2 * Self::BATCH] =
+                    [IoSlice::new(&[]); 2 * Self::BATCH];
+                let mut k = 0;
+                let mut skip = self.front_done;
+                for o in self.queue.iter().take(Self::BATCH) {
+                    for part in [o.head.as_slice(), o.data.as_deref().unwrap_or(&[])] {
+                        let part = if skip >= part.len() {
+                            skip -= part.len();
+                            continue;
+                        } else {
+                            let p = &part[skip..];
+                            skip = 0;
+                            p
+                        };
+                        slices[k] = IoSlice::new(part);
+                        k += 1;
+                    }
+                }
+                match Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                }
+            };
+            self.advance(n);
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Marks `n` more bytes written: finished replies leave the queue and
+    /// their payload buffers go back to the pool.
+    fn advance(&mut self, n: usize) {
+        self.bytes -= n;
+        let mut n = self.front_done + n;
+        while let Some(front) = self.queue.front() {
+            let len = front.len();
+            if n < len {
+                break;
+            }
+            n -= len;
+            let done = self.queue.pop_front().expect("front exists");
+            if let Some(d) = done.data {
+                self.pool.put(d);
+            }
+        }
+        self.front_done = n;
     }
 }
 
@@ -459,11 +552,23 @@ impl Drop for Gauge<'_> {
     }
 }
 
+type Waiting = FuturesUnordered<Pin<Box<dyn Future<Output = Outgoing> + Send>>>;
+
+/// The transmission phase of one connection, on one task: it reads and
+/// decodes requests, runs each one at once, and writes the replies in
+/// completion order. A request whose provider answers without waiting
+/// (memory, cached data) is answered without any task hop or channel: its
+/// reply is queued and written by this same task, usually in the same
+/// wake-up. One that has to wait is kept in a set polled by this task, so
+/// it never holds up the requests behind it, and its completion wakes this
+/// task directly. Reading, writing and waiting for completions are
+/// polled together, so a client that is slow to read its replies cannot
+/// deadlock a client that is still sending.
 async fn transmission<R, W>(
     inner: Arc<Inner>,
     export: Arc<Export>,
     mut r: R,
-    w: W,
+    mut w: W,
     mut buf: BytesMut,
     structured: bool,
     base_allocation: bool,
@@ -472,50 +577,55 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    /// Queued reply bytes after which a reply is written before the next
+    /// buffered request is run (keeps read buffers few and cache-hot).
+    const WRITE_AT: usize = 128 * 1024;
+
     let metrics = export.metrics.clone();
     let _conn = Gauge::inc(&metrics.connections);
     metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    // Every request counts from the moment it is decoded until its reply
+    // (error replies included) is written: a client that sends without
+    // reading stalls the reader instead of growing the reply queue.
     let max_in_flight = inner.config.max_in_flight.max(1);
-    let permits = Arc::new(Semaphore::new(max_in_flight));
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer_dead = CancellationToken::new();
-    let pool = Arc::new(BufPool::default());
-    let mut writer = tokio::spawn(writer_loop(w, rx, writer_dead.clone(), pool.clone()));
+    let mut out = OutQueue::default();
+    let mut pending: Waiting = FuturesUnordered::new();
     let mut decoder = RequestDecoder::new(&export.info);
-    let mut draining = false;
+    // Set once shutdown starts: buffered requests are answered ESHUTDOWN,
+    // nothing more is read, and the connection closes by then at the latest.
+    let mut drain_by: Option<Instant> = None;
+    let mut write_failed = false;
+    let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut shutdown = std::pin::pin!(inner.shutdown.cancelled());
 
-    let result: Result<()> = loop {
-        let req = match decoder.decode(&mut buf) {
-            Ok(req) => req,
-            Err(e) => {
-                warn!(error = %e, export = %export.info.name, "malformed request, closing connection");
-                break Err(e.into());
+    let result: Result<()> = 'conn: loop {
+        // Run every complete request already buffered (up to the limit).
+        let mut limited = false;
+        loop {
+            if pending.len() + out.len() >= max_in_flight {
+                limited = true;
+                break;
             }
-        };
-        if let Some(req) = req {
+            let req = match decoder.decode(&mut buf) {
+                Ok(Some(req)) => req,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, export = %export.info.name, "malformed request, closing connection");
+                    break 'conn Err(e.into());
+                }
+            };
             let (kind, cookie) = (req.header.kind, req.header.cookie);
-            if kind == crate::proto::CMD_DISC {
+            if kind == CMD_DISC {
                 debug!("client sent NBD_CMD_DISC");
-                break Ok(());
+                break 'conn Ok(());
             }
-            // Every reply, error replies included, holds a permit until it
-            // is written: a client that sends without reading stalls here
-            // instead of growing the reply queue.
-            let permit = tokio::select! {
-                biased;
-                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-                // Stuck behind unwritten replies: shutdown or a dead writer
-                // ends the connection (the drain below is bounded).
-                _ = inner.shutdown.cancelled() => break Ok(()),
-                _ = writer_dead.cancelled() => break Ok(()),
-            };
-            let refuse = |errno, permit| Outgoing {
-                head: error_reply(cookie, kind, structured, errno),
-                data: None,
-                _permit: Some(permit),
-            };
-            if draining {
-                let _ = tx.send(refuse(Errno::Shutdown, permit));
+            if drain_by.is_some() {
+                out.push(Outgoing::head(error_reply(
+                    cookie,
+                    kind,
+                    structured,
+                    Errno::Shutdown,
+                )));
                 continue;
             }
             match validate(req, &export.info, structured, base_allocation) {
@@ -523,56 +633,67 @@ where
                 Err(errno) => {
                     metrics.errors.fetch_add(1, Ordering::Relaxed);
                     debug!(kind, cookie, %errno, "request refused");
-                    let _ = tx.send(refuse(errno, permit));
+                    out.push(Outgoing::head(error_reply(cookie, kind, structured, errno)));
                 }
                 Ok(cmd) => {
+                    let read_buf = match &cmd {
+                        Command::Read { len, .. } => Some(out.pool.get(*len as usize)),
+                        _ => None,
+                    };
                     let export = export.clone();
-                    let pool = pool.clone();
                     let mut fut = Box::pin(async move {
-                        let mut out = execute(&export, &pool, cmd, cookie, kind, structured).await;
-                        out._permit = Some(permit);
-                        out
+                        execute(&export, read_buf, cmd, cookie, kind, structured).await
                     });
-                    // Poll once right here: a provider that answers without
-                    // waiting (memory, cached data) costs no task hop; one
-                    // that has to wait continues on its own task, so it
-                    // never holds up the requests behind it.
+                    // Poll once right here: a provider that answers
+                    // without waiting costs no task hop at all.
                     match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-                        Poll::Ready(out) => {
-                            let _ = tx.send(out);
-                        }
-                        Poll::Pending => {
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let _ = tx.send(fut.await);
-                            });
-                        }
+                        Poll::Ready(o) => out.push(o),
+                        Poll::Pending => pending.push(fut),
                     }
                 }
             }
-            continue;
+            if out.bytes >= WRITE_AT && !write_failed {
+                let res = std::future::poll_fn(|cx| Poll::Ready(out.poll_write(&mut w, cx))).await;
+                if let Poll::Ready(Err(e)) = res {
+                    debug!(error = %e, "reply write failed");
+                    write_failed = true;
+                }
+            }
         }
-        if draining {
+        if write_failed {
             break Ok(());
         }
+        if drain_by.is_some() && !limited {
+            // Every buffered request is answered (or queued).
+            break Ok(());
+        }
+        let can_read = drain_by.is_none() && pending.len() + out.len() < max_in_flight;
         // Room for the rest of the current request (so a large WRITE
         // payload lands in one allocation and is never copied again), and
         // at least 64 KiB so small requests are read in batches.
-        let need = decoder
-            .wanted(&buf)
-            .saturating_sub(buf.len())
-            .max(64 * 1024);
-        if buf.capacity() - buf.len() < need {
-            buf.reserve(need);
+        if can_read {
+            let need = decoder
+                .wanted(&buf)
+                .saturating_sub(buf.len())
+                .max(64 * 1024);
+            if buf.capacity() - buf.len() < need {
+                buf.reserve(need);
+            }
         }
         tokio::select! {
             biased;
-            _ = inner.shutdown.cancelled() => {
+            _ = &mut shutdown, if drain_by.is_none() => {
                 // Answer what is already buffered with ESHUTDOWN, then close.
-                draining = true;
+                drain_by = Some(Instant::now() + inner.config.drain_timeout);
             }
-            _ = writer_dead.cancelled() => break Ok(()),
-            n = r.read_buf(&mut buf) => match n {
+            Some(o) = pending.next(), if !pending.is_empty() => out.push(o),
+            res = std::future::poll_fn(|cx| out.poll_write(&mut w, cx)), if !out.is_empty() => {
+                if let Err(e) = res {
+                    debug!(error = %e, "reply write failed");
+                    write_failed = true;
+                }
+            }
+            n = r.read_buf(&mut buf), if can_read => match n {
                 Ok(0) => {
                     if !buf.is_empty() {
                         debug!(left = buf.len(), "client disconnected mid-request");
@@ -582,115 +703,54 @@ where
                 Ok(_) => {}
                 Err(e) => break Err(Error::Io { context: "read request", source: e }),
             },
+            _ = tokio::time::sleep_until(drain_by.unwrap_or(never)), if drain_by.is_some() => break Ok(()),
         }
     };
     // Drain: every in-flight request finishes and its reply is written,
     // within the configured grace period (a client that stopped reading
     // must not hold the server up forever).
+    let deadline = drain_by.unwrap_or_else(|| Instant::now() + inner.config.drain_timeout);
+    if write_failed {
+        out.clear();
+    }
     let drain = async {
-        let _all = permits
-            .acquire_many(max_in_flight as u32)
-            .await
-            .expect("semaphore never closed");
-        drop(tx);
-        (&mut writer).await
-    };
-    match tokio::time::timeout(inner.config.drain_timeout, drain).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => debug!(error = %e, "reply writer failed"),
-        Ok(Err(e)) => warn!(error = %e, "reply writer panicked"),
-        Err(_) => {
-            warn!(timeout = ?inner.config.drain_timeout, "in-flight requests not drained in time, closing");
-            writer.abort();
+        while !pending.is_empty() || !out.is_empty() {
+            tokio::select! {
+                biased;
+                Some(o) = pending.next(), if !pending.is_empty() => {
+                    if !write_failed {
+                        out.push(o);
+                    }
+                }
+                res = std::future::poll_fn(|cx| out.poll_write(&mut w, cx)), if !out.is_empty() => {
+                    if let Err(e) = res {
+                        debug!(error = %e, "reply write failed");
+                        write_failed = true;
+                        out.clear();
+                    }
+                }
+            }
         }
+        if !write_failed {
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, drain).await.is_err() {
+        warn!(timeout = ?inner.config.drain_timeout, "in-flight requests not drained in time, closing");
+    }
+    if !pending.is_empty() {
+        // Provider operations are never cancelled halfway: what is still
+        // running finishes on its own (its reply has nowhere to go).
+        tokio::spawn(async move { while pending.next().await.is_some() {} });
     }
     result
-}
-
-async fn writer_loop<W>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    dead: CancellationToken,
-    pool: Arc<BufPool>,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    const BATCH: usize = 64;
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
-    let res = async {
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(o) => batch.push(o),
-                    Err(_) => break,
-                }
-            }
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
-            for o in &batch {
-                parts.push(o.head.as_slice());
-                if let Some(d) = &o.data {
-                    parts.push(d);
-                }
-            }
-            write_all_vectored(&mut w, &mut parts).await?;
-            for o in batch.drain(..) {
-                if let Some(d) = o.data {
-                    pool.put(d);
-                }
-            }
-        }
-        w.flush().await?;
-        w.shutdown().await
-    }
-    .await;
-    if res.is_err() {
-        dead.cancel();
-    }
-    res
-}
-
-/// Writes every part with as few `writev` calls as possible.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    parts: &mut [&[u8]],
-) -> std::io::Result<()> {
-    let mut idx = 0;
-    while idx < parts.len() && parts[idx].is_empty() {
-        idx += 1;
-    }
-    while idx < parts.len() {
-        let slices: Vec<IoSlice<'_>> = parts[idx..]
-            .iter()
-            .take(512)
-            .map(|p| IoSlice::new(p))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let len = parts[idx].len();
-            if n >= len {
-                n -= len;
-                idx += 1;
-            } else {
-                parts[idx] = &parts[idx][n..];
-                n = 0;
-            }
-        }
-        while idx < parts.len() && parts[idx].is_empty() {
-            idx += 1;
-        }
-    }
-    Ok(())
 }
 
 /// Runs one validated command against the provider and builds its reply.
 async fn execute(
     export: &Export,
-    pool: &BufPool,
+    read_buf: Option<BytesMut>,
     cmd: Command,
     cookie: u64,
     kind: u16,
@@ -704,7 +764,8 @@ async fn execute(
     let res: silo_storage::Result<Outgoing> = async {
         match cmd {
             Command::Read { offset, len } => {
-                let buf = p.read_at(offset, pool.get(len as usize)).await?;
+                let buf = read_buf.unwrap_or_else(|| BytesMut::zeroed(len as usize));
+                let buf = p.read_at(offset, buf).await?;
                 m.reads.fetch_add(1, Ordering::Relaxed);
                 m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
                 let head = if !structured {
@@ -717,7 +778,6 @@ async fn execute(
                 Ok(Outgoing {
                     head,
                     data: Some(buf.freeze()),
-                    _permit: None,
                 })
             }
             Command::Write { offset, data, fua } => {
@@ -771,14 +831,14 @@ async fn execute(
             Command::Cache { offset, len } => {
                 const CHUNK: u64 = 1 << 20;
                 let mut done = 0u64;
-                let mut buf = pool.get(CHUNK.min(u64::from(len)) as usize);
+                let mut buf = BytesMut::zeroed(CHUNK.min(u64::from(len)) as usize);
                 while done < u64::from(len) {
                     let n = (u64::from(len) - done).min(CHUNK) as usize;
                     buf.resize(n, 0);
                     buf = p.read_at(offset + done, buf).await?;
                     done += n as u64;
                 }
-                pool.put(buf.freeze());
+                drop(buf);
                 m.caches.fetch_add(1, Ordering::Relaxed);
                 Ok(ok())
             }
@@ -800,7 +860,6 @@ async fn execute(
                 Ok(Outgoing {
                     head: ReplyHead::default(),
                     data: Some(out.freeze()),
-                    _permit: None,
                 })
             }
             Command::Disconnect => Ok(ok()),
@@ -833,7 +892,7 @@ mod tests {
 
     #[test]
     fn buffer_pool_reuses_and_stays_bounded() {
-        let pool = BufPool::default();
+        let mut pool = BufPool::default();
         let b = pool.get(4096);
         assert_eq!(b.len(), 4096);
         let ptr = b.as_ptr();
@@ -854,6 +913,60 @@ mod tests {
         for _ in 0..64 {
             pool.put(BytesMut::zeroed(BufPool::MAX_BUF).freeze());
         }
-        assert!(pool.free.lock().1 <= BufPool::MAX_BYTES);
+        assert!(pool.bytes <= BufPool::MAX_BYTES);
+        assert_eq!(
+            pool.bytes,
+            pool.free.iter().map(BytesMut::capacity).sum::<usize>()
+        );
+    }
+
+    /// Partial writes: replies leave the queue only once fully written,
+    /// their buffers go back to the pool, and the bytes written are the
+    /// replies' bytes in order.
+    #[test]
+    fn out_queue_partial_writes() {
+        let mut q = OutQueue::default();
+        let mut want = Vec::new();
+        for i in 0..5u8 {
+            let head = simple_reply(u64::from(i), None);
+            want.extend_from_slice(head.as_slice());
+            let data = (i % 2 == 0).then(|| {
+                let d = BytesMut::from(&[i; 1000][..]).freeze();
+                want.extend_from_slice(&d);
+                d
+            });
+            q.push(Outgoing { head, data });
+        }
+        assert_eq!(q.bytes, want.len());
+        let mut w = std::io::Cursor::new(Vec::new());
+        // A writer that takes at most 7 bytes per call.
+        struct Slow<'a>(&'a mut std::io::Cursor<Vec<u8>>);
+        impl AsyncWrite for Slow<'_> {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                b: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                let n = b.len().min(7);
+                Poll::Ready(std::io::Write::write(self.get_mut().0, &b[..n]))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let res = q.poll_write(&mut Slow(&mut w), &mut cx);
+        assert!(matches!(res, Poll::Ready(Ok(()))));
+        assert!(q.is_empty());
+        assert_eq!(q.bytes, 0);
+        assert_eq!(w.into_inner(), want);
+        assert_eq!(q.pool.free.len(), 3, "payload buffers returned");
     }
 }
