@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -163,7 +163,7 @@ const READ_CHUNK: usize = 64 << 10;
 /// Size of a receive buffer (several frames are cut from each).
 const RECV_BUFFER: usize = 2 << 20;
 /// Receive buffers kept for reuse while frames cut from them are in use.
-const RECV_POOL: usize = 16;
+const RECV_POOL: usize = 32;
 
 /// How long a closed connection keeps trying to write what was queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -1091,8 +1091,13 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     let wanted = decoder.wanted(&buf);
                     let room = wanted.clamp(READ_CHUNK, INITIAL_BODY.max(buf.len()));
                     make_room(&mut buf, &mut pool, room);
+                    // Read at most one chunk past the current frame: when the
+                    // next frame does not fit what is left of this buffer, at
+                    // most that much is copied into the next one (an
+                    // unbounded read would copy up to a whole frame).
+                    let limit = wanted.saturating_add(READ_CHUNK);
                     let n = reader
-                        .read_buf(&mut buf)
+                        .read_buf(&mut (&mut buf).limit(limit))
                         .await
                         .map_err(|e| format!("read failed: {e}"))?;
                     if n == 0 {

@@ -125,8 +125,18 @@ impl Provider for MemoryStorage {
             }
             let mut guard = self.chunks[idx].write();
             let chunk_len = self.chunk_len(idx);
-            let slot = guard.get_or_insert_with(|| vec![0u8; chunk_len].into_boxed_slice());
-            slot[at..at + r.len()].copy_from_slice(src);
+            match guard.as_mut() {
+                Some(slot) => slot[at..at + r.len()].copy_from_slice(src),
+                // A write covering a whole new chunk becomes its memory in
+                // one pass (allocate + copy): zero-filling it first would
+                // write every byte twice (bulk copies into a fresh device).
+                None if src.len() == chunk_len => *guard = Some(Box::from(src)),
+                None => {
+                    let mut slot = vec![0u8; chunk_len].into_boxed_slice();
+                    slot[at..at + r.len()].copy_from_slice(src);
+                    *guard = Some(slot);
+                }
+            }
         });
         Ok(())
     }
@@ -175,5 +185,26 @@ mod tests {
         assert!(m.read_bytes(10_000, 1).await.is_err());
         m.trim(0, 10_000).await.unwrap();
         assert_eq!(m.allocated_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn whole_and_partial_chunk_writes_into_new_chunks() {
+        let m = MemoryStorage::with_chunk_size(4096 * 3 + 100, 4096);
+        let data: Vec<u8> = (0..(4096 * 3 + 100) as u32)
+            .map(|i| (i % 249) as u8 + 1)
+            .collect();
+        // Whole chunks, then the short last chunk whole.
+        m.write_slice(4096, &data[..4096]).await.unwrap();
+        m.write_slice(4096 * 3, &data[..100]).await.unwrap();
+        // A partial write into a new chunk leaves the rest zero.
+        m.write_slice(10, &data[..20]).await.unwrap();
+        let back = m.read_bytes(0, 4096 * 3 + 100).await.unwrap();
+        assert!(back[..10].iter().all(|&b| b == 0));
+        assert_eq!(&back[10..30], &data[..20]);
+        assert!(back[30..4096].iter().all(|&b| b == 0));
+        assert_eq!(&back[4096..8192], &data[..4096]);
+        assert!(back[8192..12288].iter().all(|&b| b == 0));
+        assert_eq!(&back[12288..], &data[..100]);
+        assert_eq!(m.allocated_bytes(), 3 * 4096);
     }
 }
