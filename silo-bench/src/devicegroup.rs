@@ -44,18 +44,14 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
         ours = ours.max(mbs);
         ours_cpu = ours_cpu.min(cpu);
     }
-    let cpu = format!(
-        "devicegroup migration: CPU time per MiB (both ends, least of {rounds}): ours {:.1} µs, raw {:.1} µs",
-        ours_cpu as f64 / 1e3 / (total / MIB) as f64,
-        raw_cpu as f64 / 1e3 / (total / MIB) as f64
-    );
-    eprintln!("{cpu}");
-    report.note(
+    crate::protocol::cpu_note(
+        report,
         GROUP,
-        &format!(
-            "{cpu} (summed thread CPU time from /proc/self/task/*/schedstat; steadier than \
-             wall time on a shared machine)."
-        ),
+        "devicegroup migration",
+        rounds,
+        ours_cpu,
+        raw_cpu,
+        total / MIB,
     );
     let lz4 = rt.block_on(group_migration(dev, Compression::Lz4)).0;
     report.add(
@@ -149,7 +145,8 @@ async fn raw_tcp_copy(total: u64) -> f64 {
     mb_per_s(total, start.elapsed())
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
+/// `len` pseudo-random bytes (xorshift, seeded).
+pub(crate) fn random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
@@ -170,6 +167,18 @@ async fn fill(p: &DynProvider, seed: u64) {
         p.write_at(off, data).await.expect("fill");
         off += n;
     }
+}
+
+/// Two protocol endpoints over loopback TCP (TCP_NODELAY, default config).
+pub(crate) async fn connection_pair() -> (Connection, Connection) {
+    let (a, b) = tcp_pair().await;
+    let conn = |s: TcpStream| async move {
+        let (r, w) = s.into_split();
+        Connection::from_split(r, w, Config::default())
+            .await
+            .expect("handshake")
+    };
+    tokio::join!(conn(a), conn(b))
 }
 
 /// A sender group of `count` memory devices of `size` bytes, filled, and a
@@ -195,14 +204,7 @@ async fn pair(
     for (i, n) in src.names().iter().enumerate() {
         fill(&src.provider(n).expect("device"), i as u64 * 1000 + 1).await;
     }
-    let (a, b) = tcp_pair().await;
-    let conn = |s: TcpStream| async move {
-        let (r, w) = s.into_split();
-        Connection::from_split(r, w, Config::default())
-            .await
-            .expect("handshake")
-    };
-    let (a, b) = tokio::join!(conn(a), conn(b));
+    let (a, b) = connection_pair().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = ReceivePolicy::new(dir.path());
     let recv = tokio::spawn(DeviceGroup::new_from_protocol(

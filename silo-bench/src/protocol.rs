@@ -41,18 +41,14 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
         ours = ours.max(rt.block_on(write_at_frames(total, 16)));
         ours_cpu = ours_cpu.min(process_cpu_ns().saturating_sub(c));
     }
-    let cpu = format!(
-        "protocol transport: CPU time per MiB (both ends, least of 3): ours {:.1} µs, raw {:.1} µs",
-        ours_cpu as f64 / 1e3 / (total / MIB) as f64,
-        raw_cpu as f64 / 1e3 / (total / MIB) as f64
-    );
-    eprintln!("{cpu}");
-    report.note(
+    cpu_note(
+        report,
         GROUP,
-        &format!(
-            "{cpu} (summed thread CPU time from /proc/self/task/*/schedstat; steadier than \
-             wall time on a shared machine)."
-        ),
+        "protocol transport",
+        3,
+        ours_cpu,
+        raw_cpu,
+        (total / MIB) as u64,
     );
     report.add(
         GROUP,
@@ -78,6 +74,32 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
 }
 
 /// CPU time of every thread of this process so far, in nanoseconds (sum of
+/// Prints and notes the CPU time per MiB of ours and the raw reference
+/// (least of `rounds`), a steadier figure than wall time on a shared machine.
+pub(crate) fn cpu_note(
+    report: &mut Report,
+    group: &str,
+    what: &str,
+    rounds: usize,
+    ours_ns: u64,
+    raw_ns: u64,
+    mib: u64,
+) {
+    let cpu = format!(
+        "{what}: CPU time per MiB (both ends, least of {rounds}): ours {:.1} µs, raw {:.1} µs",
+        ours_ns as f64 / 1e3 / mib as f64,
+        raw_ns as f64 / 1e3 / mib as f64
+    );
+    eprintln!("{cpu}");
+    report.note(
+        group,
+        &format!(
+            "{cpu} (summed thread CPU time from /proc/self/task/*/schedstat; steadier than \
+             wall time on a shared machine)."
+        ),
+    );
+}
+
 /// `/proc/self/task/*/schedstat`; 0 where that is unavailable). A diagnostic
 /// beside wall-clock figures on a shared machine.
 pub(crate) fn process_cpu_ns() -> u64 {

@@ -21,11 +21,11 @@ use silo_devicegroup::{
     DeviceGroup, DeviceSchema, GroupOptions, ReceiveOptions, ReceivePolicy, ReceiverS3,
     SyncConfigSchema, SyncSchema, System,
 };
-use silo_protocol::{Compression, Config, Connection};
+use silo_protocol::Compression;
 use silo_s3::testing::S3sFs;
 use silo_storage::{DynProvider, Provider};
-use tokio::net::{TcpListener, TcpStream};
 
+use crate::devicegroup::{connection_pair, random};
 use crate::report::Report;
 use crate::Opts;
 
@@ -111,19 +111,6 @@ fn receiver_s3(s3: &S3sFs) -> ReceiverS3 {
     }
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// The sender: filled, fully uploaded, then 10 % of its blocks overwritten.
 /// Returns it and the time the upload took.
 async fn synced_sender(s3: &S3sFs, size: u64) -> (Arc<DeviceGroup>, Duration) {
@@ -176,24 +163,8 @@ async fn synced_sender(s3: &S3sFs, size: u64) -> (Arc<DeviceGroup>, Duration) {
     (src, upload)
 }
 
-async fn connections() -> (Connection, Connection) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let (a, b) = (a.expect("connect"), b.expect("accept").0);
-    a.set_nodelay(true).expect("nodelay");
-    b.set_nodelay(true).expect("nodelay");
-    let conn = |s: TcpStream| async move {
-        let (r, w) = s.into_split();
-        Connection::from_split(r, w, Config::default())
-            .await
-            .expect("handshake")
-    };
-    tokio::join!(conn(a), conn(b))
-}
-
 async fn migrate(src: &Arc<DeviceGroup>, s3: Option<ReceiverS3>) -> Run {
-    let (a, b) = connections().await;
+    let (a, b) = connection_pair().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut policy = ReceivePolicy::new(dir.path());
     policy.s3 = s3;
