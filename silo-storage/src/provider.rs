@@ -181,6 +181,24 @@ pub trait ProviderExt: Provider {
 
 impl<P: Provider + ?Sized> ProviderExt for P {}
 
+/// The boxed future every provider method returns (what `async_trait`
+/// generates); the `Arc` forwarding below hands the inner provider's future
+/// through unchanged instead of boxing it a second time.
+type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Forwards async provider methods to `**self`, returning its future as is.
+macro_rules! forward_boxed {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {$(
+        fn $name<'s, 'f>(&'s self, $($arg: $ty),*) -> BoxFut<'f, Result<$out>>
+        where
+            's: 'f,
+            Self: 'f,
+        {
+            (**self).$name($($arg),*)
+        }
+    )*};
+}
+
 #[async_trait]
 impl<P: Provider + ?Sized> Provider for Arc<P> {
     fn size(&self) -> u64 {
@@ -189,25 +207,15 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()
     }
-    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        (**self).read_at(offset, buf).await
-    }
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        (**self).write_at(offset, data).await
-    }
-    async fn flush(&self) -> Result<()> {
-        (**self).flush().await
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).trim(offset, len).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).write_zeroes(offset, len).await
+    forward_boxed! {
+        read_at(offset: u64, buf: BytesMut) -> BytesMut;
+        write_at(offset: u64, data: Bytes) -> ();
+        flush() -> ();
+        trim(offset: u64, len: u64) -> ();
+        write_zeroes(offset: u64, len: u64) -> ();
+        close() -> ();
     }
     fn cancel_writes(&self, offset: u64, len: u64) {
         (**self).cancel_writes(offset, len)
-    }
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
     }
 }

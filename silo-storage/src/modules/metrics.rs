@@ -25,13 +25,17 @@ pub const LATENCY_BUCKETS: usize = 32;
 
 /// Live counters of one operation kind.
 ///
-/// Kept to four atomic additions per operation: the number of completed
-/// operations is the sum of the latency histogram, and the in-flight count is
+/// Every operation costs three uncontended atomic additions (started,
+/// completed, and bytes or errors); one operation in
+/// [`Metrics::timing_every`] is also timed (two clock reads and two more
+/// additions), so the layer stays cheap on a hot path while the latency
+/// figures remain a fair sample. The in-flight count is
 /// `started - completed - abandoned` (an operation whose future is dropped
 /// before it finishes counts as abandoned).
 #[derive(Debug)]
 pub struct OpCounters {
     started: AtomicU64,
+    completed: AtomicU64,
     abandoned: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
@@ -43,6 +47,7 @@ impl Default for OpCounters {
     fn default() -> Self {
         OpCounters {
             started: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -65,7 +70,8 @@ pub fn latency_bucket(d: Duration) -> usize {
 /// An operation in progress; counts as abandoned if dropped unfinished.
 struct Running<'a> {
     c: &'a OpCounters,
-    started: Instant,
+    /// Set for the operations that are timed.
+    started: Option<Instant>,
     done: bool,
 }
 
@@ -81,7 +87,6 @@ impl Running<'_> {
     fn finish<T>(mut self, bytes: u64, r: &Result<T>) {
         self.done = true;
         let c = self.c;
-        let d = self.started.elapsed();
         match r {
             Ok(_) if bytes > 0 => {
                 c.bytes.fetch_add(bytes, Relaxed);
@@ -91,18 +96,23 @@ impl Running<'_> {
                 c.errors.fetch_add(1, Relaxed);
             }
         }
-        c.total_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-        c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
+        if let Some(t) = self.started {
+            let d = t.elapsed();
+            c.total_ns
+                .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+            c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
+        }
+        c.completed.fetch_add(1, Relaxed);
     }
 }
 
 impl OpCounters {
-    fn start(&self) -> Running<'_> {
-        self.started.fetch_add(1, Relaxed);
+    /// Starts an operation; it is timed if it is the first of each `every`.
+    fn start(&self, every: u64) -> Running<'_> {
+        let n = self.started.fetch_add(1, Relaxed);
         Running {
             c: self,
-            started: Instant::now(),
+            started: (n % every == 0).then(Instant::now),
             done: false,
         }
     }
@@ -112,16 +122,26 @@ impl OpCounters {
     pub fn snapshot(&self) -> OpSnapshot {
         let latency_us_log2: [u64; LATENCY_BUCKETS] =
             std::array::from_fn(|i| self.latency[i].load(Relaxed));
-        let ops: u64 = latency_us_log2.iter().sum();
+        let timed: u64 = latency_us_log2.iter().sum();
+        let ops = self.completed.load(Relaxed);
         let started = self.started.load(Relaxed);
         let abandoned = self.abandoned.load(Relaxed);
+        let timed_ns = self.total_ns.load(Relaxed);
+        // Extrapolate the timed sample to every completed operation.
+        let total_ns = if timed == 0 {
+            0
+        } else {
+            (u128::from(timed_ns) * u128::from(ops) / u128::from(timed)).min(u64::MAX as u128)
+                as u64
+        };
         OpSnapshot {
             ops,
             bytes: self.bytes.load(Relaxed),
             errors: self.errors.load(Relaxed),
             in_flight: started.saturating_sub(ops + abandoned),
             abandoned,
-            total_time: Duration::from_nanos(self.total_ns.load(Relaxed)),
+            timed,
+            total_time: Duration::from_nanos(total_ns),
             latency_us_log2,
         }
     }
@@ -130,6 +150,7 @@ impl OpCounters {
         // Keep `started - completed - abandoned` (in flight) unchanged.
         let s = self.snapshot();
         self.started.store(s.in_flight, Relaxed);
+        self.completed.store(0, Relaxed);
         self.abandoned.store(0, Relaxed);
         self.bytes.store(0, Relaxed);
         self.errors.store(0, Relaxed);
@@ -153,9 +174,13 @@ pub struct OpSnapshot {
     pub in_flight: u64,
     /// Operations whose future was dropped before they finished.
     pub abandoned: u64,
-    /// Sum of all operation durations.
+    /// Operations that were timed (one in [`Metrics::timing_every`]).
+    pub timed: u64,
+    /// Sum of all operation durations, extrapolated from the timed ones
+    /// (exact when every operation is timed).
     pub total_time: Duration,
-    /// Latency histogram: entry `i` counts operations under `2^i` µs.
+    /// Latency histogram of the timed operations: entry `i` counts those
+    /// under `2^i` µs.
     pub latency_us_log2: [u64; LATENCY_BUCKETS],
 }
 
@@ -226,15 +251,32 @@ impl ProviderMetrics {
 pub struct Metrics<P = DynProvider> {
     inner: P,
     m: Arc<ProviderMetrics>,
+    every: u64,
 }
 
+/// By default one operation in this many is timed.
+pub const DEFAULT_TIMING_EVERY: u64 = 8;
+
 impl<P: Provider> Metrics<P> {
-    /// Wraps `inner` with fresh counters.
+    /// Wraps `inner` with fresh counters, timing one operation in
+    /// [`DEFAULT_TIMING_EVERY`].
     pub fn new(inner: P) -> Self {
+        Self::with_timing_every(inner, DEFAULT_TIMING_EVERY)
+    }
+
+    /// Wraps `inner`, timing one operation in `every` (1: all of them; 0 is
+    /// taken as 1). Counts of operations, bytes and errors are always exact.
+    pub fn with_timing_every(inner: P, every: u64) -> Self {
         Metrics {
             inner,
             m: Arc::default(),
+            every: every.max(1),
         }
+    }
+
+    /// One operation in this many is timed.
+    pub fn timing_every(&self) -> u64 {
+        self.every
     }
 
     /// The wrapped provider.
@@ -263,31 +305,31 @@ impl<P: Provider> Provider for Metrics<P> {
     forward!(inner; size, capabilities, cancel_writes, close);
 
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        let (run, n) = (self.m.read.start(), buf.len() as u64);
+        let (run, n) = (self.m.read.start(self.every), buf.len() as u64);
         let r = self.inner.read_at(offset, buf).await;
         run.finish(n, &r);
         r
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        let (run, n) = (self.m.write.start(), data.len() as u64);
+        let (run, n) = (self.m.write.start(self.every), data.len() as u64);
         let r = self.inner.write_at(offset, data).await;
         run.finish(n, &r);
         r
     }
     async fn flush(&self) -> Result<()> {
-        let run = self.m.flush.start();
+        let run = self.m.flush.start(self.every);
         let r = self.inner.flush().await;
         run.finish(0, &r);
         r
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        let run = self.m.trim.start();
+        let run = self.m.trim.start(self.every);
         let r = self.inner.trim(offset, len).await;
         run.finish(len, &r);
         r
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let run = self.m.write_zeroes.start();
+        let run = self.m.write_zeroes.start(self.every);
         let r = self.inner.write_zeroes(offset, len).await;
         run.finish(len, &r);
         r
@@ -311,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn counts_ops_bytes_errors() {
-        let m = Metrics::new(MemoryStorage::new(1000));
+        let m = Metrics::with_timing_every(MemoryStorage::new(1000), 1);
         m.write_slice(0, &[1; 100]).await.unwrap();
         m.read_bytes(0, 50).await.unwrap();
         assert!(m.read_bytes(990, 50).await.is_err());
@@ -325,6 +367,37 @@ mod tests {
         assert_eq!((s.read.in_flight, s.read.abandoned), (0, 0));
         m.reset();
         assert_eq!(m.snapshot().read.ops, 0);
+    }
+
+    #[tokio::test]
+    async fn timing_is_sampled_and_extrapolated() {
+        use crate::modules::{ArtificialLatency, LatencyConfig};
+        let m = Metrics::with_timing_every(
+            ArtificialLatency::new(
+                MemoryStorage::new(1000),
+                LatencyConfig {
+                    write: Duration::from_millis(3),
+                    ..LatencyConfig::default()
+                },
+            ),
+            4,
+        );
+        assert_eq!(m.timing_every(), 4);
+        for _ in 0..10 {
+            m.write_slice(0, &[1; 10]).await.unwrap();
+        }
+        let s = m.snapshot().write;
+        // Operations 0, 4 and 8 are timed; counts stay exact.
+        assert_eq!((s.ops, s.bytes, s.timed), (10, 100, 3));
+        assert_eq!(s.latency_us_log2.iter().sum::<u64>(), 3);
+        let at_least_3ms: u64 = s.latency_us_log2[latency_bucket(Duration::from_millis(3))..]
+            .iter()
+            .sum();
+        assert_eq!(at_least_3ms, 3);
+        // At least 3 ms per write, extrapolated to all ten.
+        assert!(s.total_time >= Duration::from_millis(30), "{s:?}");
+        assert!(s.mean_latency() >= Duration::from_millis(3), "{s:?}");
+        assert!(s.mean_latency() < Duration::from_secs(5), "{s:?}");
     }
 
     #[tokio::test(start_paused = true)]
