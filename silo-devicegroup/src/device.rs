@@ -214,7 +214,13 @@ pub async fn build_base(schema: &DeviceSchema, opts: &BuildOptions) -> Result<Dy
         })
     };
     match schema.system {
-        System::Memory => Ok(Arc::new(MemoryStorage::new(size))),
+        // One chunk per block (at least the default 64 KiB, at most 4 MiB):
+        // a migrated block then lands as one chunk, and a block received
+        // into its own buffer becomes that chunk without a copy.
+        System::Memory => Ok(Arc::new(MemoryStorage::with_chunk_size(
+            size,
+            (bs as usize).clamp(silo_storage::sources::memory::DEFAULT_CHUNK, 4 << 20),
+        ))),
         System::File => {
             let path = location()?;
             if path.is_dir() {

@@ -882,6 +882,10 @@ impl DeviceGroup {
                         remote,
                         assist: assist.clone(),
                     });
+                    if d.schema.system == crate::schema::System::Memory {
+                        // A memory device keeps received blocks as they are.
+                        conn.receive_big_blocks_apart(d.index as u32 + 1, true);
+                    }
                     let from = Arc::new(
                         FromProtocol::new(conn.clone(), d.index as u32 + 1, provider)
                             .with_handler(Arc::new(handler)),

@@ -164,6 +164,10 @@ const READ_CHUNK: usize = 64 << 10;
 const RECV_BUFFER: usize = 2 << 20;
 /// Receive buffers kept for reuse while frames cut from them are in use.
 const RECV_POOL: usize = 32;
+/// Frame bodies at least this large are read into an allocation of their
+/// own (exactly the body), so the block they carry can be kept as it is by
+/// a provider (a memory device adopts it) without pinning other frames.
+const DEDICATED_BODY: usize = 256 << 10;
 
 /// How long a closed connection keeps trying to write what was queued.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -324,6 +328,9 @@ struct Shared {
     queues: Mutex<Option<HashMap<(u32, Kind), QueueSlot>>>,
     /// Devices closed with [`Connection::close_device`] (lock after `queues`).
     closed_devices: Mutex<std::collections::HashSet<u32>>,
+    /// Devices whose big frames get an allocation of their own
+    /// ([`Connection::receive_big_blocks_apart`]).
+    apart: Mutex<std::collections::HashSet<u32>>,
     credits: Mutex<HashMap<(u32, Kind), Arc<Semaphore>>>,
     out: Mutex<OutQueues>,
     out_notify: Notify,
@@ -637,6 +644,7 @@ impl Connection {
             pending: Mutex::new(PendingMap::default()),
             queues: Mutex::new(Some(HashMap::new())),
             closed_devices: Mutex::new(std::collections::HashSet::new()),
+            apart: Mutex::new(std::collections::HashSet::new()),
             credits: Mutex::new(HashMap::new()),
             out: Mutex::new(OutQueues::default()),
             out_notify: Notify::new(),
@@ -870,6 +878,22 @@ impl Connection {
         Ok(())
     }
 
+    /// Reads frames of `device` whose body is at least 256 KiB into an
+    /// allocation of their own instead of cutting them from a shared
+    /// receive buffer, so the block such a frame carries is the only handle
+    /// to memory of its own size and a consumer can keep it as it is (a
+    /// memory device adopts it without a copy). It costs an allocation per
+    /// big frame, which only pays off when the consumer keeps the blocks;
+    /// off by default.
+    pub fn receive_big_blocks_apart(&self, device: u32, on: bool) {
+        let mut apart = self.shared().apart.lock();
+        if on {
+            apart.insert(device);
+        } else {
+            apart.remove(&device);
+        }
+    }
+
     /// The consumer of requests and notices of `kind` on `device`. Frames
     /// that arrived before this call are delivered first. Only one consumer
     /// per `(device, kind)` may exist.
@@ -1077,13 +1101,50 @@ async fn read_frames<R: AsyncRead + Unpin>(
     let mut decoder = FrameDecoder::new(shared.limits_in);
     let mut buf = BytesMut::with_capacity(RECV_BUFFER);
     let mut pool: Vec<BytesMut> = Vec::new();
+    // Whether `buf` is a dedicated allocation for the pending frame's body.
+    let mut dedicated = false;
     loop {
         let (header, body) = loop {
             match decoder
                 .next_body(&mut buf)
                 .map_err(|e| format!("protocol error: {e}"))?
             {
-                Some(f) => break f,
+                Some(f) => {
+                    if dedicated {
+                        // Drop the empty remnant: the body is then the only
+                        // handle to its allocation.
+                        buf = BytesMut::new();
+                        dedicated = false;
+                    }
+                    break f;
+                }
+                None if dedicated => {
+                    let wanted = decoder.wanted(&buf);
+                    let n = reader
+                        .read_buf(&mut (&mut buf).limit(wanted))
+                        .await
+                        .map_err(|e| format!("read failed: {e}"))?;
+                    if n == 0 {
+                        return Err(stream_ended(&decoder, &buf));
+                    }
+                }
+                None if decoder.pending_header().is_some_and(|h| {
+                    h.len as usize >= DEDICATED_BODY && shared.apart.lock().contains(&h.device)
+                }) =>
+                {
+                    // The header is validated, so the body is bounded by our
+                    // frame limit; reserving is not touching, so a peer that
+                    // never sends the body pins no memory it did not send.
+                    let body = decoder.pending_header().map_or(0, |h| h.len as usize);
+                    let mut own = BytesMut::with_capacity(body);
+                    own.extend_from_slice(&buf); // the body's start, if any
+                    let mut old = std::mem::replace(&mut buf, own);
+                    old.clear();
+                    if pool.len() < RECV_POOL && old.capacity() > 0 {
+                        pool.push(old);
+                    }
+                    dedicated = true;
+                }
                 None => {
                     // The header (if any) is validated, so `wanted` is bounded
                     // by our frame limit; grow at most by doubling, so a peer
@@ -1104,15 +1165,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         if decoder.is_idle(&buf) {
                             return Ok(());
                         }
-                        return Err(match decoder.pending_header() {
-                            Some(h) => format!(
-                                "stream ended inside a {} frame ({} of {} bytes)",
-                                h.kind,
-                                buf.len(),
-                                h.len
-                            ),
-                            None => "stream ended inside a frame header".to_string(),
-                        });
+                        return Err(stream_ended(&decoder, &buf));
                     }
                 }
             }
@@ -1264,6 +1317,19 @@ fn route(shared: &Arc<Shared>, kind: Kind, frame: Frame) {
     }
 }
 
+/// The error for a stream that ended inside a frame.
+fn stream_ended(decoder: &FrameDecoder, buf: &BytesMut) -> String {
+    match decoder.pending_header() {
+        Some(h) => format!(
+            "stream ended inside a {} frame ({} of {} bytes)",
+            h.kind,
+            buf.len(),
+            h.len
+        ),
+        None => "stream ended inside a frame header".to_string(),
+    }
+}
+
 /// Ensures `buf` has `room` spare bytes, preferring to reclaim an allocation
 /// whose frames have all been dropped over allocating a new one.
 fn make_room(buf: &mut BytesMut, pool: &mut Vec<BytesMut>, room: usize) {
@@ -1277,7 +1343,7 @@ fn make_room(buf: &mut BytesMut, pool: &mut Vec<BytesMut>, room: usize) {
     next.extend_from_slice(buf); // the start of a partial frame, if any
     let mut old = std::mem::replace(buf, next);
     old.clear();
-    if pool.len() < RECV_POOL {
+    if pool.len() < RECV_POOL && old.capacity() > 0 {
         pool.push(old);
     }
 }

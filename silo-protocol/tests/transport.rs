@@ -758,3 +758,74 @@ async fn closed_devices_answer_instead_of_leaving_senders_waiting() {
     let data = server3.await.unwrap();
     assert_eq!(&data[..10], b"still here");
 }
+
+/// On a device that asked for it, a big block arrives as the only handle to
+/// an allocation of its own size (so a memory device can keep it without a
+/// copy); small frames and the big ones interleave without losing a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_payloads_arrive_in_their_own_allocation() {
+    let (a, b) = tcp_pair(Config::default(), Config::default()).await;
+    b.receive_big_blocks_apart(1, true);
+    b.receive_big_blocks_apart(2, true);
+    b.receive_big_blocks_apart(2, false);
+    let mut writes = b.incoming(1, Kind::WriteAt).unwrap();
+    let mut shared = b.incoming(2, Kind::WriteAt).unwrap();
+    let other = tokio::spawn(async move {
+        let req = shared.recv().await.unwrap();
+        let Message::WriteAt(w) = &req.message else {
+            panic!("not a write")
+        };
+        let (length, d) = (w.length, w.data().unwrap());
+        req.respond(Message::WriteAtOk { length }).await.unwrap();
+        d
+    });
+    let server = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Ok(req) = writes.recv().await {
+            let Message::WriteAt(w) = &req.message else {
+                panic!("not a write")
+            };
+            let (offset, length) = (w.offset, w.length);
+            let d = w.data().unwrap();
+            assert_eq!(d, pattern(1, offset >> 20, length as usize));
+            req.respond(Message::WriteAtOk { length }).await.unwrap();
+            // The request is gone: only `d` refers to its memory now.
+            let own = match d.try_into_mut() {
+                Ok(m) => Some(m.capacity() == m.len()),
+                Err(_) => None,
+            };
+            got.push((offset, length, own));
+        }
+        got
+    });
+    let mut sends = Vec::new();
+    for i in 0..24u64 {
+        let a = a.clone();
+        let len = if i % 3 == 0 { 4096 } else { 1 << 20 };
+        sends.push(tokio::spawn(async move {
+            let data = pattern(1, i, len);
+            a.write_at(1, i << 20, &data, Compression::None, Priority::Bulk)
+                .await
+                .unwrap();
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    // Device 2 did not ask: its big block is cut from a shared buffer.
+    let data = pattern(2, 0, 1 << 20);
+    a.write_at(2, 0, &data, Compression::None, Priority::Bulk)
+        .await
+        .unwrap();
+    let d = other.await.unwrap();
+    assert_eq!(d, data);
+    assert!(d.try_into_mut().map_or(true, |m| m.capacity() > m.len()));
+    a.close();
+    let got = server.await.unwrap();
+    assert_eq!(got.len(), 24);
+    for (offset, length, own) in got {
+        if length >= 1 << 20 {
+            assert_eq!(own, Some(true), "block at {offset} shares its buffer");
+        }
+    }
+}

@@ -1,6 +1,10 @@
 //! An in-memory source: the device is split into fixed chunks, each behind
 //! its own lock and allocated on first write, so concurrent I/O to different
 //! chunks never contends and a large, mostly empty device costs little memory.
+//!
+//! A write of exactly one whole chunk whose `Bytes` is the only handle to an
+//! allocation of that size (a block received into its own buffer) becomes
+//! the chunk's memory as it is: no copy, no second allocation.
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -12,11 +16,14 @@ use crate::provider::{Capabilities, Provider};
 /// Default chunk size: 64 KiB.
 pub const DEFAULT_CHUNK: usize = 64 * 1024;
 
+/// Spare capacity an adopted buffer may have beyond the chunk.
+const ADOPT_SLACK: usize = 4096;
+
 /// A memory-backed provider with per-chunk locks and lazy allocation.
 pub struct MemoryStorage {
     size: u64,
     chunk: usize,
-    chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    chunks: Vec<RwLock<Option<BytesMut>>>,
 }
 
 impl std::fmt::Debug for MemoryStorage {
@@ -77,6 +84,23 @@ impl MemoryStorage {
         }
     }
 
+    /// Takes `data` as the memory of the chunk it covers, if it covers
+    /// exactly one whole chunk and is the sole handle to an allocation that
+    /// is not much larger (so keeping it pins no unrelated memory); gives
+    /// `data` back otherwise. The range is already checked.
+    fn adopt(&self, offset: u64, data: Bytes) -> std::result::Result<(), Bytes> {
+        let idx = (offset / self.chunk as u64) as usize;
+        if offset % self.chunk as u64 != 0 || data.len() != self.chunk_len(idx) {
+            return Err(data);
+        }
+        let m = data.try_into_mut()?;
+        if m.capacity() > m.len() + ADOPT_SLACK {
+            return Err(m.freeze());
+        }
+        *self.chunks[idx].write() = Some(m);
+        Ok(())
+    }
+
     fn zero_range(&self, offset: u64, len: u64) {
         self.for_each_chunk(offset, len as usize, |idx, at, r| {
             let mut guard = self.chunks[idx].write();
@@ -114,6 +138,10 @@ impl Provider for MemoryStorage {
 
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         check_range(Op::Write, offset, data.len() as u64, self.size)?;
+        let data = match self.adopt(offset, data) {
+            Ok(()) => return Ok(()),
+            Err(data) => data,
+        };
         self.for_each_chunk(offset, data.len(), |idx, at, r| {
             let src = &data[r.clone()];
             {
@@ -130,9 +158,9 @@ impl Provider for MemoryStorage {
                 // A write covering a whole new chunk becomes its memory in
                 // one pass (allocate + copy): zero-filling it first would
                 // write every byte twice (bulk copies into a fresh device).
-                None if src.len() == chunk_len => *guard = Some(Box::from(src)),
+                None if src.len() == chunk_len => *guard = Some(BytesMut::from(src)),
                 None => {
-                    let mut slot = vec![0u8; chunk_len].into_boxed_slice();
+                    let mut slot = BytesMut::zeroed(chunk_len);
                     slot[at..at + r.len()].copy_from_slice(src);
                     *guard = Some(slot);
                 }
@@ -206,5 +234,48 @@ mod tests {
         assert!(back[8192..12288].iter().all(|&b| b == 0));
         assert_eq!(&back[12288..], &data[..100]);
         assert_eq!(m.allocated_bytes(), 3 * 4096);
+    }
+
+    #[tokio::test]
+    async fn sole_whole_chunk_buffers_are_adopted_without_copy() {
+        let m = MemoryStorage::with_chunk_size(4 * 4096 + 100, 4096);
+        let chunk_ptr = |i: usize| m.chunks[i].read().as_ref().map(|c| c.as_ptr());
+        // Sole handle, exact size: adopted.
+        let own = Bytes::from(vec![5u8; 4096]);
+        let p = own.as_ptr();
+        m.write_at(4096, own).await.unwrap();
+        assert_eq!(chunk_ptr(1), Some(p));
+        // A slice of a larger buffer whose other part is alive: copied.
+        let big = Bytes::from(vec![6u8; 8192]);
+        let part = big.slice(..4096);
+        m.write_at(2 * 4096, part).await.unwrap();
+        assert_ne!(chunk_ptr(2), Some(big.as_ptr()));
+        // The sole handle, but of a much larger allocation: copied.
+        let mut wide = BytesMut::with_capacity(64 * 1024);
+        wide.extend_from_slice(&[7u8; 4096]);
+        let wide = wide.freeze();
+        let wp = wide.as_ptr();
+        m.write_at(3 * 4096, wide).await.unwrap();
+        assert_ne!(chunk_ptr(3), Some(wp));
+        // Shared with the caller: copied, and the caller's bytes are intact.
+        let shared = Bytes::from(vec![8u8; 4096]);
+        m.write_at(0, shared.clone()).await.unwrap();
+        assert_ne!(chunk_ptr(0), Some(shared.as_ptr()));
+        // The short last chunk, whole: adopted.
+        let last = Bytes::from(vec![9u8; 100]);
+        let lp = last.as_ptr();
+        m.write_at(4 * 4096, last).await.unwrap();
+        assert_eq!(chunk_ptr(4), Some(lp));
+        // Everything reads back; adopted chunks stay writable in place.
+        m.write_slice(4096 + 10, &[1, 2, 3]).await.unwrap();
+        let all = m.read_bytes(0, 4 * 4096 + 100).await.unwrap();
+        assert!(all[..4096].iter().all(|&b| b == 8));
+        assert_eq!(&all[4096..4096 + 10], &[5u8; 10]);
+        assert_eq!(&all[4096 + 10..4096 + 13], &[1, 2, 3]);
+        assert!(all[4096 + 13..2 * 4096].iter().all(|&b| b == 5));
+        assert!(all[2 * 4096..3 * 4096].iter().all(|&b| b == 6));
+        assert!(all[3 * 4096..4 * 4096].iter().all(|&b| b == 7));
+        assert!(all[4 * 4096..].iter().all(|&b| b == 9));
+        assert_eq!(&shared[..], &[8u8; 4096][..]);
     }
 }
