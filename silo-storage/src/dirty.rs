@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::error::Result;
-use crate::provider::{Capabilities, DynProvider, Provider};
+use crate::provider::{Capabilities, DynProvider, Now, Provider};
 
 /// Something the migrator can take the dirty set from.
 pub trait DirtySource: Send + Sync {
@@ -108,6 +108,8 @@ struct BlockMeta {
 /// State shared by both sides.
 struct Shared {
     inner: DynProvider,
+    /// `inner.may_complete_now()`, asked once.
+    fast: bool,
     layout: BlockLayout,
     tracking: Bitfield,
     dirty: Bitfield,
@@ -146,9 +148,23 @@ impl Shared {
         }
     }
 
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        if !self.fast {
+            return Err(data);
+        }
         let len = data.len() as u64;
         self.preload(offset);
+        let r = (*self.inner).write_now(offset, data)?;
+        self.after_mutation(&r, offset, len);
+        Ok(r)
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let data = match self.write_now(offset, data) {
+            Ok(r) => return r,
+            Err(data) => data,
+        };
+        let len = data.len() as u64;
         let r = (*self.inner).write_at(offset, data).await;
         self.after_mutation(&r, offset, len);
         r
@@ -229,6 +245,7 @@ pub fn dirty_tracker(
     let layout = BlockLayout::new(inner.size(), block_size)?;
     let n = layout.num_blocks();
     let s = Arc::new(Shared {
+        fast: inner.may_complete_now(),
         inner,
         layout,
         tracking: Bitfield::new(n),
@@ -263,6 +280,15 @@ impl Provider for DirtyTrackerLocal {
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         self.s.write_at(offset, data).await
+    }
+    fn may_complete_now(&self) -> bool {
+        self.s.fast
+    }
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        self.s.write_now(offset, data)
+    }
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        (*self.s.inner).read_now(offset, buf)
     }
     async fn flush(&self) -> Result<()> {
         (*self.s.inner).flush().await
@@ -427,6 +453,8 @@ impl Provider for DirtyTrackerRemote {
         (*self.s.inner).read_at(offset, buf).await
     }
     /// Writes through the remote side are treated like local writes.
+    /// (No `read_now`: a remote read must start tracking before it reads,
+    /// which only `read_at` does.)
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
         self.s.write_at(offset, data).await
     }

@@ -31,6 +31,7 @@ pub mod migrator;
 pub mod modules;
 pub mod order;
 pub mod provider;
+mod shard;
 pub mod sources;
 pub mod syncer;
 pub mod volatility;
@@ -38,5 +39,5 @@ pub mod waiting;
 
 pub use block::BlockLayout;
 pub use error::{check_range, Error, ErrorKind, Op, Result};
-pub use provider::{Capabilities, DynProvider, Provider, ProviderExt};
+pub use provider::{Capabilities, DynProvider, Now, Provider, ProviderExt};
 pub use sources::MemoryStorage;

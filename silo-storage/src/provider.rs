@@ -133,9 +133,40 @@ pub trait Provider: Send + Sync + 'static {
     /// Hint: in-flight writes to this range may be abandoned.
     fn cancel_writes(&self, offset: u64, len: u64);
 
+    /// Whether [`Provider::write_now`] / [`Provider::read_now`] can ever
+    /// complete here (layers answer for the provider they wrap and skip the
+    /// attempt when it cannot). The default is `false`.
+    fn may_complete_now(&self) -> bool {
+        false
+    }
+
+    /// Writes `data` at `offset` at once, without waiting, if this provider
+    /// and everything below it can (a memory device and the layers that
+    /// only count or mark): `Ok(result)`, the same result `write_at` would
+    /// give. `Err(data)` hands the data back with nothing done; then call
+    /// [`Provider::write_at`]. A stack over a memory device so completes a
+    /// write in one synchronous pass instead of a boxed future per layer.
+    /// The default never completes.
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        let _ = offset;
+        Err(data)
+    }
+
+    /// Reads into `buf` at once, without waiting, if this provider and
+    /// everything below it can; like [`Provider::write_now`] for reads.
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        let _ = offset;
+        Err(buf)
+    }
+
     /// Waits for in-flight I/O, releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
 }
+
+/// What [`Provider::write_now`] and [`Provider::read_now`] return: `Ok`
+/// with the operation's result when it completed, `Err` with the buffer
+/// given back untouched when it could not complete without waiting.
+pub type Now<T, B> = std::result::Result<Result<T>, B>;
 
 /// A shared, type-erased provider: what modules wrap and stacks pass around.
 pub type DynProvider = Arc<dyn Provider>;
@@ -217,5 +248,14 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     }
     fn cancel_writes(&self, offset: u64, len: u64) {
         (**self).cancel_writes(offset, len)
+    }
+    fn may_complete_now(&self) -> bool {
+        (**self).may_complete_now()
+    }
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        (**self).write_now(offset, data)
+    }
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        (**self).read_now(offset, buf)
     }
 }

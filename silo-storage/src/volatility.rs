@@ -36,7 +36,7 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::error::{Error, Result};
 use crate::order::{BlockInfo, BlockKind, BlockOrder};
-use crate::provider::{Capabilities, DynProvider, Provider};
+use crate::provider::{Capabilities, DynProvider, Now, Provider};
 
 /// Number of time slots the window is divided into.
 pub const SLOTS: u64 = 8;
@@ -94,6 +94,8 @@ struct BlockStat {
 /// least volatile pending block first.
 pub struct VolatilityMonitor {
     inner: DynProvider,
+    /// `inner.may_complete_now()`, asked once.
+    fast: bool,
     layout: BlockLayout,
     slot_ns: u64,
     epoch: Instant,
@@ -124,6 +126,7 @@ impl VolatilityMonitor {
         }
         let n = layout.num_blocks();
         Ok(VolatilityMonitor {
+            fast: inner.may_complete_now(),
             inner,
             layout,
             slot_ns: (window.as_nanos() as u64 / SLOTS).max(1),
@@ -389,7 +392,28 @@ impl Provider for VolatilityMonitor {
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
         (*self.inner).read_at(offset, buf).await
     }
+    fn may_complete_now(&self) -> bool {
+        self.fast
+    }
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        if !self.fast {
+            return Err(data);
+        }
+        let len = data.len() as u64;
+        let r = (*self.inner).write_now(offset, data)?;
+        if r.is_ok() {
+            self.record(offset, len);
+        }
+        Ok(r)
+    }
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        (*self.inner).read_now(offset, buf)
+    }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let data = match self.write_now(offset, data) {
+            Ok(r) => return r,
+            Err(data) => data,
+        };
         let len = data.len() as u64;
         (*self.inner).write_at(offset, data).await?;
         self.record(offset, len);

@@ -2,7 +2,8 @@
 //! writes wait while locked) and [`ReadOnlyGate`](super::ReadOnlyGate) (only
 //! writes wait), chosen by a [`GateMode`] marker.
 //!
-//! The gate state is a single atomic word; waiting uses
+//! The gate's flags are one atomic word and its in-flight count is sharded
+//! per thread (see [`Gate`]); waiting uses
 //! [`tokio::sync::Notify`] with the "enable, then check, then await" pattern
 //! inside a loop that re-checks the condition, so a wake-up can neither be
 //! lost nor let an operation through a gate that was locked again in between
@@ -18,70 +19,92 @@ use tokio::sync::Notify;
 
 use super::LockControl;
 use crate::error::{Error, Op, Result};
-use crate::provider::{DynProvider, Provider};
+use crate::provider::{DynProvider, Now, Provider};
+use crate::shard::{shard, Padded, SHARDS};
 
-const LOCKED: u64 = 1 << 63;
-const CLOSED: u64 = 1 << 62;
-const COUNT: u64 = CLOSED - 1;
+const LOCKED: u64 = 1;
+const CLOSED: u64 = 2;
 
-/// A gate that operations pass through while it is open. The state is one
-/// atomic word (locked bit, closed bit, in-flight count), so entering and
-/// leaving cost one atomic operation each when nobody waits.
+/// A gate that operations pass through while it is open. The locked and
+/// closed flags are one atomic word; the in-flight count is sharded per
+/// thread (one cache line each), so operations on different cores do not
+/// contend on it. Entering costs one atomic addition on the thread's own
+/// shard and a load of the flags; leaving one subtraction.
+///
+/// Why `lock` cannot miss an operation: an operation increments its shard,
+/// then reads the flags; `lock` sets the flag, then sums the shards, all
+/// sequentially consistent. Either the operation's read comes after the flag
+/// was set (it backs out and waits) or its increment comes before the sum
+/// (`lock` waits for it to leave).
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    state: AtomicU64,
+    flags: AtomicU64,
+    in_flight: [Padded<AtomicU64>; SHARDS],
     /// Notified on unlock and close.
     opened: Notify,
-    /// Notified when the last in-flight operation leaves a locked or closed
-    /// gate, and on unlock.
+    /// Notified when an operation leaves a locked or closed gate, and on
+    /// unlock.
     drained: Notify,
 }
 
 /// Proof that an operation is inside the gate; leaving is on drop (also when
-/// the operation's future is dropped).
+/// the operation's future is dropped, on whatever thread).
 pub(crate) struct Pass<'a> {
     gate: &'a Gate,
+    shard: usize,
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let prev = self.gate.state.fetch_sub(1, Ordering::AcqRel);
-        if prev & COUNT == 1 && prev & (LOCKED | CLOSED) != 0 {
-            self.gate.drained.notify_waiters();
-        }
+        self.gate.leave(self.shard);
     }
 }
 
 impl Gate {
+    /// Operations inside the gate.
+    fn count(&self) -> u64 {
+        self.in_flight
+            .iter()
+            .fold(0u64, |n, c| n.wrapping_add(c.0.load(Ordering::SeqCst)))
+    }
+
+    fn leave(&self, shard: usize) {
+        self.in_flight[shard].0.fetch_sub(1, Ordering::SeqCst);
+        if self.flags.load(Ordering::SeqCst) != 0 {
+            // Somebody may wait for the gate to drain; it re-counts.
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Enters the gate if it is open: `None` when it is locked (the caller
+    /// has to wait with [`Gate::enter`]).
+    pub(crate) fn try_enter(&self, op: Op) -> Option<Result<Pass<'_>>> {
+        let shard = shard();
+        self.in_flight[shard].0.fetch_add(1, Ordering::SeqCst);
+        let f = self.flags.load(Ordering::SeqCst);
+        if f == 0 {
+            return Some(Ok(Pass { gate: self, shard }));
+        }
+        self.leave(shard);
+        if f & CLOSED != 0 {
+            Some(Err(Error::Closed { op }))
+        } else {
+            None
+        }
+    }
+
     /// Waits until the gate is open, then enters it.
     pub(crate) async fn enter(&self, op: Op) -> Result<Pass<'_>> {
-        let mut cur = self.state.load(Ordering::Acquire);
         loop {
-            if cur & CLOSED != 0 {
-                return Err(Error::Closed { op });
-            }
-            if cur & LOCKED == 0 {
-                match self.state.compare_exchange_weak(
-                    cur,
-                    cur + 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return Ok(Pass { gate: self }),
-                    Err(actual) => {
-                        cur = actual;
-                        continue;
-                    }
-                }
+            if let Some(r) = self.try_enter(op) {
+                return r;
             }
             // Locked: register for the wake-up first, then re-check, so an
             // unlock between the check and the await is not missed.
             let mut notified = pin!(self.opened.notified());
             notified.as_mut().enable();
-            cur = self.state.load(Ordering::Acquire);
-            if cur & (LOCKED | CLOSED) == LOCKED {
+            if self.flags.load(Ordering::SeqCst) == LOCKED {
                 notified.await;
-                cur = self.state.load(Ordering::Acquire);
             }
         }
     }
@@ -89,12 +112,11 @@ impl Gate {
     /// Closes the gate to new operations; returns once no gated operation
     /// is in flight (or the gate was unlocked meanwhile).
     pub(crate) async fn lock(&self) {
-        self.state.fetch_or(LOCKED, Ordering::AcqRel);
+        self.flags.fetch_or(LOCKED, Ordering::SeqCst);
         loop {
             let mut notified = pin!(self.drained.notified());
             notified.as_mut().enable();
-            let s = self.state.load(Ordering::Acquire);
-            if s & COUNT == 0 || s & LOCKED == 0 {
+            if self.flags.load(Ordering::SeqCst) & LOCKED == 0 || self.count() == 0 {
                 return;
             }
             notified.await;
@@ -102,20 +124,20 @@ impl Gate {
     }
 
     pub(crate) fn unlock(&self) {
-        self.state.fetch_and(!LOCKED, Ordering::AcqRel);
+        self.flags.fetch_and(!LOCKED, Ordering::SeqCst);
         self.opened.notify_waiters();
         self.drained.notify_waiters();
     }
 
     pub(crate) fn is_locked(&self) -> bool {
-        self.state.load(Ordering::Acquire) & LOCKED != 0
+        self.flags.load(Ordering::SeqCst) & LOCKED != 0
     }
 
     /// Makes every waiting and later operation fail with `Closed`.
     pub(crate) fn close(&self) {
         let _ = self
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            .flags
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
                 Some((s | CLOSED) & !LOCKED)
             });
         self.opened.notify_waiters();
@@ -127,7 +149,7 @@ impl Gate {
         loop {
             let mut notified = pin!(self.drained.notified());
             notified.as_mut().enable();
-            if self.state.load(Ordering::Acquire) & COUNT == 0 {
+            if self.count() == 0 {
                 return;
             }
             notified.await;
@@ -161,6 +183,8 @@ impl GateMode for WritesOnly {
 /// and [`ReadOnlyGate`](super::ReadOnlyGate).
 pub struct Gated<P = DynProvider, M: GateMode = ReadsAndWrites> {
     inner: P,
+    /// `inner.may_complete_now()`, asked once.
+    fast: bool,
     gate: Gate,
     _mode: PhantomData<M>,
 }
@@ -169,6 +193,7 @@ impl<P: Provider, M: GateMode> Gated<P, M> {
     /// Wraps `inner`, unlocked.
     pub fn new(inner: P) -> Self {
         Gated {
+            fast: inner.may_complete_now(),
             inner,
             gate: Gate::default(),
             _mode: PhantomData,
@@ -215,7 +240,37 @@ impl<P: Provider, M: GateMode> LockControl for Gated<P, M> {
 impl<P: Provider, M: GateMode> Provider for Gated<P, M> {
     forward!(inner; size, capabilities, flush, cancel_writes);
 
+    fn may_complete_now(&self) -> bool {
+        self.fast
+    }
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        if !self.fast {
+            return Err(buf);
+        }
+        if !M::GATES_READS {
+            return self.inner.read_now(offset, buf);
+        }
+        match self.gate.try_enter(Op::Read) {
+            None => Err(buf),
+            Some(Err(e)) => Ok(Err(e)),
+            Some(Ok(_pass)) => self.inner.read_now(offset, buf),
+        }
+    }
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        if !self.fast {
+            return Err(data);
+        }
+        match self.gate.try_enter(Op::Write) {
+            None => Err(data),
+            Some(Err(e)) => Ok(Err(e)),
+            Some(Ok(_pass)) => self.inner.write_now(offset, data),
+        }
+    }
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        let buf = match self.read_now(offset, buf) {
+            Ok(r) => return r,
+            Err(buf) => buf,
+        };
         let _pass = if M::GATES_READS {
             Some(self.gate.enter(Op::Read).await?)
         } else {
@@ -224,6 +279,10 @@ impl<P: Provider, M: GateMode> Provider for Gated<P, M> {
         self.inner.read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let data = match self.write_now(offset, data) {
+            Ok(r) => return r,
+            Err(data) => data,
+        };
         let _pass = self.gate.enter(Op::Write).await?;
         self.inner.write_at(offset, data).await
     }

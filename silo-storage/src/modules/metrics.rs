@@ -18,15 +18,17 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::provider::{DynProvider, Provider};
+use crate::provider::{DynProvider, Now, Provider};
+use crate::shard::{shard, Padded, SHARDS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// Live counters of one operation kind.
 ///
-/// Every operation costs three uncontended atomic additions (started,
-/// completed, and bytes or errors); one operation in
+/// Every operation costs three atomic additions (started, completed, and
+/// bytes or errors) on counters sharded per thread, so cores do not contend
+/// for them; one operation in
 /// [`Metrics::timing_every`] is also timed (two clock reads and two more
 /// additions), so the layer stays cheap on a hot path while the latency
 /// figures remain a fair sample. The in-flight count is
@@ -34,22 +36,26 @@ pub const LATENCY_BUCKETS: usize = 32;
 /// before it finishes counts as abandoned).
 #[derive(Debug)]
 pub struct OpCounters {
-    started: AtomicU64,
-    completed: AtomicU64,
+    hot: [Padded<Hot>; SHARDS],
     abandoned: AtomicU64,
-    bytes: AtomicU64,
     errors: AtomicU64,
     total_ns: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
 }
 
+/// The counters every operation updates (one set per shard).
+#[derive(Debug, Default)]
+struct Hot {
+    started: AtomicU64,
+    completed: AtomicU64,
+    bytes: AtomicU64,
+}
+
 impl Default for OpCounters {
     fn default() -> Self {
         OpCounters {
-            started: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
+            hot: Default::default(),
             abandoned: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -87,9 +93,10 @@ impl Running<'_> {
     fn finish<T>(mut self, bytes: u64, r: &Result<T>) {
         self.done = true;
         let c = self.c;
+        let hot = &c.hot[shard()].0;
         match r {
             Ok(_) if bytes > 0 => {
-                c.bytes.fetch_add(bytes, Relaxed);
+                hot.bytes.fetch_add(bytes, Relaxed);
             }
             Ok(_) => {}
             Err(_) => {
@@ -102,19 +109,36 @@ impl Running<'_> {
                 .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
             c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
         }
-        c.completed.fetch_add(1, Relaxed);
+        hot.completed.fetch_add(1, Relaxed);
     }
 }
 
 impl OpCounters {
     /// Starts an operation; it is timed if it is the first of each `every`.
     fn start(&self, every: u64) -> Running<'_> {
-        let n = self.started.fetch_add(1, Relaxed);
+        let n = self.hot[shard()].0.started.fetch_add(1, Relaxed);
         Running {
             c: self,
             started: (n % every == 0).then(Instant::now),
             done: false,
         }
+    }
+
+    /// Runs `op` synchronously as one operation if it completes (`Ok`);
+    /// counts nothing if it hands its buffer back (`Err`).
+    fn now<T, B>(&self, every: u64, bytes: u64, op: impl FnOnce() -> Now<T, B>) -> Now<T, B> {
+        let hot = &self.hot[shard()].0;
+        let timed = hot.completed.load(Relaxed) % every == 0;
+        let t = timed.then(Instant::now);
+        let r = op()?;
+        hot.started.fetch_add(1, Relaxed);
+        Running {
+            c: self,
+            started: t,
+            done: false,
+        }
+        .finish(bytes, &r);
+        Ok(r)
     }
 
     /// A plain copy of the counters (not an atomic snapshot: counters
@@ -123,8 +147,13 @@ impl OpCounters {
         let latency_us_log2: [u64; LATENCY_BUCKETS] =
             std::array::from_fn(|i| self.latency[i].load(Relaxed));
         let timed: u64 = latency_us_log2.iter().sum();
-        let ops = self.completed.load(Relaxed);
-        let started = self.started.load(Relaxed);
+        let sum = |f: fn(&Hot) -> &AtomicU64| {
+            self.hot
+                .iter()
+                .fold(0u64, |n, h| n.wrapping_add(f(&h.0).load(Relaxed)))
+        };
+        let ops = sum(|h| &h.completed);
+        let started = sum(|h| &h.started);
         let abandoned = self.abandoned.load(Relaxed);
         let timed_ns = self.total_ns.load(Relaxed);
         // Extrapolate the timed sample to every completed operation.
@@ -136,7 +165,7 @@ impl OpCounters {
         };
         OpSnapshot {
             ops,
-            bytes: self.bytes.load(Relaxed),
+            bytes: sum(|h| &h.bytes),
             errors: self.errors.load(Relaxed),
             in_flight: started.saturating_sub(ops + abandoned),
             abandoned,
@@ -149,10 +178,13 @@ impl OpCounters {
     fn reset(&self) {
         // Keep `started - completed - abandoned` (in flight) unchanged.
         let s = self.snapshot();
-        self.started.store(s.in_flight, Relaxed);
-        self.completed.store(0, Relaxed);
+        for (i, h) in self.hot.iter().enumerate() {
+            h.0.started
+                .store(if i == 0 { s.in_flight } else { 0 }, Relaxed);
+            h.0.completed.store(0, Relaxed);
+            h.0.bytes.store(0, Relaxed);
+        }
         self.abandoned.store(0, Relaxed);
-        self.bytes.store(0, Relaxed);
         self.errors.store(0, Relaxed);
         self.total_ns.store(0, Relaxed);
         for b in &self.latency {
@@ -252,6 +284,8 @@ pub struct Metrics<P = DynProvider> {
     inner: P,
     m: Arc<ProviderMetrics>,
     every: u64,
+    /// `inner.may_complete_now()`, asked once.
+    fast: bool,
 }
 
 /// By default one operation in this many is timed.
@@ -268,6 +302,7 @@ impl<P: Provider> Metrics<P> {
     /// taken as 1). Counts of operations, bytes and errors are always exact.
     pub fn with_timing_every(inner: P, every: u64) -> Self {
         Metrics {
+            fast: inner.may_complete_now(),
             inner,
             m: Arc::default(),
             every: every.max(1),
@@ -304,13 +339,45 @@ impl<P: Provider> Metrics<P> {
 impl<P: Provider> Provider for Metrics<P> {
     forward!(inner; size, capabilities, cancel_writes, close);
 
+    fn may_complete_now(&self) -> bool {
+        self.fast
+    }
+
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        if !self.fast {
+            return Err(buf);
+        }
+        let n = buf.len() as u64;
+        self.m
+            .read
+            .now(self.every, n, || self.inner.read_now(offset, buf))
+    }
+
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        if !self.fast {
+            return Err(data);
+        }
+        let n = data.len() as u64;
+        self.m
+            .write
+            .now(self.every, n, || self.inner.write_now(offset, data))
+    }
+
     async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        let buf = match self.read_now(offset, buf) {
+            Ok(r) => return r,
+            Err(buf) => buf,
+        };
         let (run, n) = (self.m.read.start(self.every), buf.len() as u64);
         let r = self.inner.read_at(offset, buf).await;
         run.finish(n, &r);
         r
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        let data = match self.write_now(offset, data) {
+            Ok(r) => return r,
+            Err(data) => data,
+        };
         let (run, n) = (self.m.write.start(self.every), data.len() as u64);
         let r = self.inner.write_at(offset, data).await;
         run.finish(n, &r);

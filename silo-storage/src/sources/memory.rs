@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 
 use crate::error::{check_range, Op, Result};
-use crate::provider::{Capabilities, Provider};
+use crate::provider::{Capabilities, Now, Provider};
 
 /// Default chunk size: 64 KiB.
 pub const DEFAULT_CHUNK: usize = 64 * 1024;
@@ -123,7 +123,51 @@ impl Provider for MemoryStorage {
         Capabilities::ALL
     }
 
-    async fn read_at(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        self.read_sync(offset, buf)
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.write_sync(offset, data)
+    }
+
+    fn may_complete_now(&self) -> bool {
+        true
+    }
+
+    fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
+        Ok(self.write_sync(offset, data))
+    }
+
+    fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
+        Ok(self.read_sync(offset, buf))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(Op::Trim, offset, len, self.size)?;
+        self.zero_range(offset, len);
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(Op::WriteZeroes, offset, len, self.size)?;
+        self.zero_range(offset, len);
+        Ok(())
+    }
+
+    fn cancel_writes(&self, _offset: u64, _len: u64) {}
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl MemoryStorage {
+    fn read_sync(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut> {
         check_range(Op::Read, offset, buf.len() as u64, self.size)?;
         let len = buf.len();
         self.for_each_chunk(offset, len, |idx, at, r| {
@@ -136,7 +180,7 @@ impl Provider for MemoryStorage {
         Ok(buf)
     }
 
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+    fn write_sync(&self, offset: u64, data: Bytes) -> Result<()> {
         check_range(Op::Write, offset, data.len() as u64, self.size)?;
         let data = match self.adopt(offset, data) {
             Ok(()) => return Ok(()),
@@ -166,28 +210,6 @@ impl Provider for MemoryStorage {
                 }
             }
         });
-        Ok(())
-    }
-
-    async fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(Op::Trim, offset, len, self.size)?;
-        self.zero_range(offset, len);
-        Ok(())
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(Op::WriteZeroes, offset, len, self.size)?;
-        self.zero_range(offset, len);
-        Ok(())
-    }
-
-    fn cancel_writes(&self, _offset: u64, _len: u64) {}
-
-    async fn close(&self) -> Result<()> {
         Ok(())
     }
 }
