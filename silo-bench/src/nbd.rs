@@ -61,6 +61,9 @@ struct Figures {
     qd32_iops: f64,
     qd1_read_us: f64,
     qd1_write_us: f64,
+    /// QD1 latencies with the server and fio pinned to CPU 0.
+    pinned_read_us: f64,
+    pinned_write_us: f64,
 }
 
 fn have(tool: &str) -> bool {
@@ -121,7 +124,26 @@ fn json_number(s: &str, anchors: &[&str]) -> Option<f64> {
 }
 
 fn fio(uri: &str, size: u64, qd: u32, runtime: u64) -> Result<(f64, f64, f64), String> {
-    let out = run_cmd(Command::new("fio").args([
+    fio_on(None, uri, size, qd, runtime)
+}
+
+/// `fio` on every CPU, or (`Some(cpu)`) pinned to one.
+fn fio_on(
+    cpu: Option<usize>,
+    uri: &str,
+    size: u64,
+    qd: u32,
+    runtime: u64,
+) -> Result<(f64, f64, f64), String> {
+    let mut cmd = match cpu {
+        Some(c) => {
+            let mut t = Command::new("taskset");
+            t.args(["-c", &c.to_string(), "fio"]);
+            t
+        }
+        None => Command::new("fio"),
+    };
+    let out = run_cmd(cmd.args([
         "--name=nbd",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
@@ -149,17 +171,34 @@ fn nbdcopy_mbs(args: &[&str], bytes: u64) -> Result<f64, String> {
     Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
 }
 
-fn measure(uri: &str, src: &Path, size: u64, runtime: u64) -> Result<Figures, String> {
+/// Sets the CPU affinity of every thread of process `pid` (`taskset -a`).
+fn pin_process(pid: u32, cpus: &str) -> Result<(), String> {
+    run_cmd(Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()])).map(drop)
+}
+
+/// `server` is the pid of the process serving `uri` (pinned for the
+/// one-CPU latency run, then released to every CPU again).
+fn measure(uri: &str, src: &Path, size: u64, runtime: u64, server: u32) -> Result<Figures, String> {
     let write_mbs = nbdcopy_mbs(&[src.to_str().expect("utf-8 path"), uri], size)?;
     let read_mbs = nbdcopy_mbs(&[uri, "null:"], size)?;
     let (qd32_iops, _, _) = fio(uri, size, 32, runtime)?;
     let (_, qd1_read_us, qd1_write_us) = fio(uri, size, 1, runtime)?;
+    let all = format!(
+        "0-{}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+    );
+    pin_process(server, "0")?;
+    let pinned = fio_on(Some(0), uri, size, 1, runtime);
+    pin_process(server, &all)?;
+    let (_, pinned_read_us, pinned_write_us) = pinned?;
     Ok(Figures {
         write_mbs,
         read_mbs,
         qd32_iops,
         qd1_read_us,
         qd1_write_us,
+        pinned_read_us,
+        pinned_write_us,
     })
 }
 
@@ -172,6 +211,12 @@ fn sparse_file(path: &Path, size: u64) -> Result<(), String> {
 
 /// A peer server process, killed (by its own pid) when dropped.
 struct Peer(Option<Child>);
+
+impl Peer {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+}
 
 impl Drop for Peer {
     fn drop(&mut self) {
@@ -218,7 +263,13 @@ fn silo(
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let s = server.clone();
     let task = rt.spawn(async move { s.serve_tcp(listener).await });
-    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    let res = measure(
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        src,
+        size,
+        runtime,
+        std::process::id(),
+    );
     rt.block_on(server.shutdown());
     let _ = rt.block_on(task);
     let _ = std::fs::remove_file(dir.join("silo.raw"));
@@ -255,7 +306,13 @@ fn qemu_nbd(
         ]),
         port,
     )?;
-    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    let res = measure(
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        src,
+        size,
+        runtime,
+        peer.pid(),
+    );
     drop(peer);
     let _ = std::fs::remove_file(&path);
     res
@@ -291,7 +348,13 @@ fn nbdkit(
         }
     }
     let peer = spawn_peer(&mut cmd, port)?;
-    let res = measure(&format!("nbd://127.0.0.1:{port}/disk"), src, size, runtime);
+    let res = measure(
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        src,
+        size,
+        runtime,
+        peer.pid(),
+    );
     drop(peer);
     let _ = std::fs::remove_file(&path);
     res
@@ -349,6 +412,26 @@ fn rows(report: &mut Report, backing: Backing, ours: &Figures, peer: &str, their
         false,
         TARGET,
     );
+    report.add(
+        GROUP,
+        &format!("{b}: fio 4 KiB randrw QD1 read latency, server and fio on one CPU"),
+        ours.pinned_read_us,
+        peer,
+        theirs.pinned_read_us,
+        "µs",
+        false,
+        TARGET,
+    );
+    report.add(
+        GROUP,
+        &format!("{b}: fio 4 KiB randrw QD1 write latency, server and fio on one CPU"),
+        ours.pinned_write_us,
+        peer,
+        theirs.pinned_write_us,
+        "µs",
+        false,
+        TARGET,
+    );
 }
 
 /// Runs the nbd benchmarks, failing on the first error.
@@ -392,7 +475,11 @@ fn run_group(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) -> 
 writes random data from tmpfs then reads it to `null:`; fio's nbd engine runs 4 KiB randrw for {runtime} s at QD32 \
 (sum of read and write IOPS) and QD1 (mean completion latency). Memory backing: silo MemoryStorage, `nbdkit memory`, \
 qemu-nbd on a tmpfs file. File backing: a fresh sparse file on disk per server, buffered I/O (silo FileStorage, \
-engine Auto). Peers: qemu-nbd `-t --shared=16`, nbdkit defaults (16 threads).",
+engine Auto). Peers: qemu-nbd `-t --shared=16`, nbdkit defaults (16 threads). The \
+\"on one CPU\" rows repeat QD1 with the server process (every thread) and fio pinned to CPU 0 by `taskset`: \
+on this VM waking a thread on the other, halted vCPU costs tens of µs, so the unpinned QD1 rows mostly \
+measure how often the scheduler happens to place a server's threads beside the client (nbdkit's threads \
+migrate tens of thousands of times a second, ours stay put); pinned, they measure the servers' own work.",
             size >> 20
         ),
     );
