@@ -203,14 +203,21 @@ impl VolatilityMonitor {
         self.total_writes.fetch_add(1, Ordering::Relaxed);
         let now = self.slot_now();
         let mut st = self.state.lock();
-        if st.log_slot != now && !st.log.is_empty() {
+        let n = (blocks.end - blocks.start) as usize;
+        if st.log_slot != now || st.log.len() + n > LOG_MAX {
             self.fold(&mut st);
+        }
+        if n >= LOG_MAX {
+            // A range too large for the log (a big trim): counted at once,
+            // so the log stays bounded whatever the device size.
+            self.open_slot(&mut st, now);
+            for b in blocks {
+                self.count_write(&mut st, now, b);
+            }
+            return;
         }
         st.log_slot = now;
         st.log.extend(blocks);
-        if st.log.len() >= LOG_MAX {
-            self.fold(&mut st);
-        }
     }
 
     /// Counts the buffered writes, then drops slots older than `now`'s
@@ -226,7 +233,7 @@ impl VolatilityMonitor {
             return;
         }
         let now = st.log_slot;
-        self.advance(st, now);
+        self.open_slot(st, now);
         let log = std::mem::take(&mut st.log);
         // Touch every counter first: these loads do not depend on each
         // other, so their cache misses overlap instead of queueing.
@@ -235,14 +242,19 @@ impl VolatilityMonitor {
             sum = sum.wrapping_add(st.stats[b as usize].cur);
         }
         std::hint::black_box(sum);
-        if st.slots.back().map(|s| s.0) != Some(now) {
-            st.slots.push_back((now, Vec::new()));
-        }
         for &b in &log {
             self.count_write(st, now, b);
         }
         st.log = log;
         st.log.clear();
+    }
+
+    /// Drops slots that left `now`'s window and makes `now` the newest slot.
+    fn open_slot(&self, st: &mut State, now: u64) {
+        self.advance(st, now);
+        if st.slots.back().map(|s| s.0) != Some(now) {
+            st.slots.push_back((now, Vec::new()));
+        }
     }
 
     /// Counts one write of block `b` during slot `now` (the current slot,
@@ -551,5 +563,22 @@ mod tests {
         let mut by_count: Vec<u64> = (0..8).collect();
         by_count.sort_by_key(|&b| (v.volatility(b), b));
         assert_eq!(order, by_count);
+    }
+
+    /// A range of more blocks than the log holds is counted at once: the log
+    /// stays bounded, and the counts are the same as block by block.
+    #[tokio::test]
+    async fn large_ranges_bypass_the_log() {
+        let blocks = (LOG_MAX as u64) * 3 + 5;
+        let mem: DynProvider = Arc::new(MemoryStorage::new(blocks * 512));
+        let v = VolatilityMonitor::new(mem, 512, Duration::from_secs(60)).unwrap();
+        v.write_slice(512, &[1; 10]).await.unwrap();
+        v.trim(0, blocks * 512).await.unwrap();
+        assert!(v.state.lock().log.len() <= LOG_MAX);
+        v.write_slice(512, &[1; 10]).await.unwrap();
+        assert_eq!(v.volatility(0), 1);
+        assert_eq!(v.volatility(1), 3);
+        assert_eq!(v.volatility(blocks - 1), 1);
+        assert_eq!(v.total_volatility(), blocks + 2);
     }
 }
