@@ -306,6 +306,19 @@ fn qemu_nbd(
         ]),
         port,
     )?;
+    measure_peer(peer, port, src, size, runtime, &path)
+}
+
+/// Measures a peer serving `disk` on `port`, then stops it and removes its
+/// backing file.
+fn measure_peer(
+    peer: Peer,
+    port: u16,
+    src: &Path,
+    size: u64,
+    runtime: u64,
+    backing: &Path,
+) -> Result<Figures, String> {
     let res = measure(
         &format!("nbd://127.0.0.1:{port}/disk"),
         src,
@@ -314,7 +327,7 @@ fn qemu_nbd(
         peer.pid(),
     );
     drop(peer);
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(backing);
     res
 }
 
@@ -348,16 +361,7 @@ fn nbdkit(
         }
     }
     let peer = spawn_peer(&mut cmd, port)?;
-    let res = measure(
-        &format!("nbd://127.0.0.1:{port}/disk"),
-        src,
-        size,
-        runtime,
-        peer.pid(),
-    );
-    drop(peer);
-    let _ = std::fs::remove_file(&path);
-    res
+    measure_peer(peer, port, src, size, runtime, &path)
 }
 
 fn rows(report: &mut Report, backing: Backing, ours: &Figures, peer: &str, theirs: &Figures) {

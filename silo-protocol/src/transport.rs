@@ -1138,11 +1138,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     let body = decoder.pending_header().map_or(0, |h| h.len as usize);
                     let mut own = BytesMut::with_capacity(body);
                     own.extend_from_slice(&buf); // the body's start, if any
-                    let mut old = std::mem::replace(&mut buf, own);
-                    old.clear();
-                    if pool.len() < RECV_POOL && old.capacity() > 0 {
-                        pool.push(old);
-                    }
+                    retire(&mut pool, std::mem::replace(&mut buf, own));
                     dedicated = true;
                 }
                 None => {
@@ -1341,7 +1337,12 @@ fn make_room(buf: &mut BytesMut, pool: &mut Vec<BytesMut>, room: usize) {
     let next = reusable.map(|i| pool.swap_remove(i));
     let mut next = next.unwrap_or_else(|| BytesMut::with_capacity(need.max(RECV_BUFFER)));
     next.extend_from_slice(buf); // the start of a partial frame, if any
-    let mut old = std::mem::replace(buf, next);
+    retire(pool, std::mem::replace(buf, next));
+}
+
+/// Parks a receive buffer that was replaced, for reclaiming once the frames
+/// cut from it are dropped (an empty remnant has nothing to reclaim).
+fn retire(pool: &mut Vec<BytesMut>, mut old: BytesMut) {
     old.clear();
     if pool.len() < RECV_POOL && old.capacity() > 0 {
         pool.push(old);

@@ -128,7 +128,9 @@ impl OpCounters {
     /// counts nothing if it hands its buffer back (`Err`).
     fn now<T, B>(&self, every: u64, bytes: u64, op: impl FnOnce() -> Now<T, B>) -> Now<T, B> {
         let hot = &self.hot[shard()].0;
-        let timed = hot.completed.load(Relaxed) % every == 0;
+        // The same rule as `start`: the operation that would take a started
+        // count divisible by `every` is timed.
+        let timed = hot.started.load(Relaxed) % every == 0;
         let t = timed.then(Instant::now);
         let r = op()?;
         hot.started.fetch_add(1, Relaxed);
