@@ -23,9 +23,9 @@
 //!   bits** and marks tracked blocks dirty (whether the write succeeded or
 //!   not: a failed write may have changed part of the block).
 //!
-//! Both steps use sequentially consistent atomics with a full fence between
-//! the data access and the bit access, so for a write `W` and a read `R` of
-//! the same block exactly one of these holds:
+//! Each side has a barrier between its data access and its bit access, so
+//! for a write `W` and a read `R` of the same block exactly one of these
+//! holds:
 //!
 //! 1. `W`'s test of the tracking bit comes after `R` set it → `W` marks the
 //!    block dirty (perhaps spuriously, if `R` saw `W`'s data anyway);
@@ -38,19 +38,28 @@
 //! in this snapshot, or in the next one, or completed before the re-read —
 //! it never slips through. (`tests::write_racing_read_is_never_lost` hammers
 //! exactly this interleaving.)
+//!
+//! The barrier is asymmetric (see `crate::barrier`): writes, the hot path,
+//! pass a compiler fence only, and each remote read asks the kernel
+//! (`membarrier`) to run a full barrier on every thread of the process, a
+//! few microseconds per block read. A full fence on every write would cost
+//! ~100 ns per 4 KiB write, because it waits for the copy to reach the
+//! cache. Without `membarrier`, both sides use full fences.
 
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use tokio::time::Instant;
 
+use crate::barrier;
 use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
+use crate::clock::Clock;
 use crate::error::Result;
 use crate::provider::{Capabilities, DynProvider, Now, Provider};
+use crate::shard::Sharded;
 
 /// Something the migrator can take the dirty set from.
 pub trait DirtySource: Send + Sync {
@@ -90,19 +99,60 @@ pub struct DirtySelect {
     /// At most this many blocks are returned.
     pub limit: usize,
     /// Younger blocks are returned only if written at least this many
-    /// times since they became dirty (0: every dirty block qualifies).
+    /// times since they became dirty (0: every dirty block qualifies;
+    /// counts saturate at 65 535, so larger values act as 65 535).
     pub min_changed: u32,
 }
 
-/// Per-block write bookkeeping, kept together so a write touches one cache
-/// line.
-#[derive(Default)]
+/// Per-block write bookkeeping, in two small tables so that a write does
+/// not wait for a cache miss (the tables of a large device compete with
+/// its data for the cache):
+///
+/// * `at`: the time of the last write while tracked, in milliseconds since
+///   the tracker's epoch, wrapping (ages are exact below 49 days; 0 means
+///   never written). A write only stores it, and a store that misses the
+///   cache does not hold the CPU up.
+/// * `changes`: writes since the block last became clean, saturating at
+///   `u16::MAX` (2 bytes a block, so the table mostly stays cached).
 struct BlockMeta {
-    /// Nanoseconds since the tracker's epoch of the last write while
-    /// tracked (+1, so 0 means never).
-    at: AtomicU64,
-    /// Writes since the block last became clean.
-    changes: AtomicU32,
+    at: Box<[AtomicU32]>,
+    changes: Box<[AtomicU16]>,
+}
+
+impl BlockMeta {
+    fn new(n: u64) -> Self {
+        BlockMeta {
+            at: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            changes: (0..n).map(|_| AtomicU16::new(0)).collect(),
+        }
+    }
+
+    /// (last write time, changes) of block `b`.
+    fn get(&self, b: u64) -> (u32, u32) {
+        let b = b as usize;
+        (
+            self.at[b].load(Ordering::Relaxed),
+            u32::from(self.changes[b].load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Records a write of block `b` at `at` (a heuristic: plain loads and
+    /// stores).
+    fn record(&self, b: u64, at: u32) {
+        let b = b as usize;
+        self.at[b].store(at, Ordering::Relaxed);
+        let c = &self.changes[b];
+        c.store(
+            c.load(Ordering::Relaxed).saturating_add(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn clear(&self, b: u64) {
+        let b = b as usize;
+        self.changes[b].store(0, Ordering::Relaxed);
+        self.at[b].store(0, Ordering::Relaxed);
+    }
 }
 
 /// State shared by both sides.
@@ -114,29 +164,25 @@ struct Shared {
     tracking: Bitfield,
     dirty: Bitfield,
     /// Per-block last write time and change count.
-    meta: Box<[BlockMeta]>,
-    epoch: Instant,
-    local_writes: AtomicU64,
-    local_writes_dirtying: AtomicU64,
+    meta: BlockMeta,
+    clock: Clock,
+    local_writes: Sharded,
+    local_writes_dirtying: Sharded,
     remote_reads: AtomicU64,
     snapshots: AtomicU64,
 }
 
 impl Shared {
     fn after_write(&self, offset: u64, len: u64) {
-        self.local_writes.fetch_add(1, Ordering::Relaxed);
+        self.local_writes.add(1);
         // Order the data write before the tracking test (see module docs).
-        fence(Ordering::SeqCst);
+        barrier::fast();
         let mut now = None;
         let mut any = false;
         for b in self.layout.blocks_touching(offset, len) {
             if self.tracking.test(b) {
-                let t = *now.get_or_insert_with(|| self.epoch.elapsed().as_nanos() as u64 + 1);
-                let meta = &self.meta[b as usize];
-                meta.at.store(t, Ordering::Relaxed);
-                // A heuristic counter: a plain load/store is enough.
-                let c = meta.changes.load(Ordering::Relaxed);
-                meta.changes.store(c.saturating_add(1), Ordering::Relaxed);
+                let t = *now.get_or_insert_with(|| self.now_ms());
+                self.meta.record(b, t);
                 if !self.dirty.test(b) {
                     self.dirty.set(b);
                 }
@@ -144,8 +190,14 @@ impl Shared {
             }
         }
         if any {
-            self.local_writes_dirtying.fetch_add(1, Ordering::Relaxed);
+            self.local_writes_dirtying.add(1);
         }
+    }
+
+    /// Milliseconds since the epoch, wrapping, never 0 (the unit of
+    /// [`BlockMeta`]'s times).
+    fn now_ms(&self) -> u32 {
+        (self.clock.elapsed_ms() as u32).max(1)
     }
 
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
@@ -153,7 +205,6 @@ impl Shared {
             return Err(data);
         }
         let len = data.len() as u64;
-        self.preload(offset);
         let r = (*self.inner).write_now(offset, data)?;
         self.after_mutation(&r, offset, len);
         Ok(r)
@@ -182,16 +233,6 @@ impl Shared {
         r
     }
 
-    /// Loads the first written block's bookkeeping before the write goes
-    /// down the stack, so its likely cache miss overlaps the write instead
-    /// of following it (a software prefetch without `unsafe`).
-    fn preload(&self, offset: u64) {
-        let b = (offset / self.layout.block_size()) as usize;
-        if let Some(m) = self.meta.get(b) {
-            std::hint::black_box(m.at.load(Ordering::Relaxed));
-        }
-    }
-
     /// Marks after any mutation that may have changed data (a failed write
     /// may have changed part of the range; a rejected range changed nothing).
     fn after_mutation(&self, r: &Result<()>, offset: u64, len: u64) {
@@ -202,9 +243,7 @@ impl Shared {
 
     fn forget(&self, b: u64) {
         self.tracking.clear(b);
-        let meta = &self.meta[b as usize];
-        meta.changes.store(0, Ordering::Relaxed);
-        meta.at.store(0, Ordering::Relaxed);
+        self.meta.clear(b);
     }
 }
 
@@ -244,16 +283,17 @@ pub fn dirty_tracker(
 ) -> Result<(DirtyTrackerLocal, DirtyTrackerRemote)> {
     let layout = BlockLayout::new(inner.size(), block_size)?;
     let n = layout.num_blocks();
+    barrier::init();
     let s = Arc::new(Shared {
         fast: inner.may_complete_now(),
         inner,
         layout,
         tracking: Bitfield::new(n),
         dirty: Bitfield::new(n),
-        meta: (0..n).map(|_| BlockMeta::default()).collect(),
-        epoch: Instant::now(),
-        local_writes: AtomicU64::new(0),
-        local_writes_dirtying: AtomicU64::new(0),
+        meta: BlockMeta::new(n),
+        clock: Clock::new(),
+        local_writes: Sharded::new(),
+        local_writes_dirtying: Sharded::new(),
         remote_reads: AtomicU64::new(0),
         snapshots: AtomicU64::new(0),
     });
@@ -365,18 +405,16 @@ impl DirtyTrackerRemote {
     /// first). The rest stay dirty. Each returned block must be re-read.
     pub fn dirty_blocks(&self, sel: DirtySelect) -> Vec<u64> {
         self.s.snapshots.fetch_add(1, Ordering::Relaxed);
-        let now = self.s.epoch.elapsed().as_nanos() as u64 + 1;
-        let age_ns = sel.max_age.as_nanos() as u64;
+        let now = self.s.now_ms();
+        let age_ms = sel.max_age.as_millis().min(u128::from(u64::MAX)) as u64;
         let mut settled = Vec::new();
         let mut busy = Vec::new();
         for b in self.s.dirty.iter_set() {
-            let meta = &self.s.meta[b as usize];
-            let t = meta.at.load(Ordering::Relaxed);
-            let c = meta.changes.load(Ordering::Relaxed);
+            let (t, c) = self.s.meta.get(b);
             // t == 0: marked dirty without a tracked write (mark_dirty).
-            if t == 0 || now.saturating_sub(t) >= age_ns {
+            if t == 0 || u64::from(now.wrapping_sub(t)) >= age_ms {
                 settled.push((t, b));
-            } else if c >= sel.min_changed {
+            } else if c >= sel.min_changed.min(u32::from(u16::MAX)) {
                 busy.push((c, b));
             }
         }
@@ -404,8 +442,8 @@ impl DirtyTrackerRemote {
         DirtyMetrics {
             tracked_blocks: self.s.tracking.count(),
             dirty_blocks: self.s.dirty.count(),
-            local_writes: self.s.local_writes.load(Ordering::Relaxed),
-            local_writes_dirtying: self.s.local_writes_dirtying.load(Ordering::Relaxed),
+            local_writes: self.s.local_writes.get(),
+            local_writes_dirtying: self.s.local_writes_dirtying.get(),
             remote_reads: self.s.remote_reads.load(Ordering::Relaxed),
             snapshots: self.s.snapshots.load(Ordering::Relaxed),
         }
@@ -449,7 +487,7 @@ impl Provider for DirtyTrackerRemote {
         self.s.remote_reads.fetch_add(1, Ordering::Relaxed);
         self.track_at(offset, buf.len() as u64);
         // Order the tracking bits before the data read (see module docs).
-        fence(Ordering::SeqCst);
+        barrier::slow();
         (*self.s.inner).read_at(offset, buf).await
     }
     /// Writes through the remote side are treated like local writes.

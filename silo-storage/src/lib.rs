@@ -22,8 +22,10 @@
 //! waiting cache, migrator, syncer) is built from the same pieces.
 #![deny(unsafe_code)]
 
+mod barrier;
 pub mod bitfield;
 pub mod block;
+mod clock;
 pub mod dirty;
 pub mod error;
 pub mod hash;

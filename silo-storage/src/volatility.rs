@@ -27,16 +27,17 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::Clock;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::time::Instant;
 
 use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::error::{Error, Result};
 use crate::order::{BlockInfo, BlockKind, BlockOrder};
 use crate::provider::{Capabilities, DynProvider, Now, Provider};
+use crate::shard::{shard, Padded, Sharded, SHARDS};
 
 /// Number of time slots the window is divided into.
 pub const SLOTS: u64 = 8;
@@ -76,6 +77,35 @@ struct State {
 /// Writes buffered in [`State::log`] before they are folded.
 const LOG_MAX: usize = 1024;
 
+/// Entries of a thread's write ring.
+const RING: usize = 128;
+
+/// Blocks written by the thread that owns one shard (see `crate::shard`)
+/// and not yet counted: that thread appends without taking the state lock
+/// or any locked instruction; whoever holds the lock consumes. Entries were
+/// all written during slot `slot`, which the owner changes only while
+/// holding the lock with the ring empty.
+struct Ring {
+    /// Entries appended (written by the owner, `Release`).
+    head: Padded<AtomicU64>,
+    /// Entries consumed (written under the state lock, `Release`).
+    tail: Padded<AtomicU64>,
+    /// Slot of the entries.
+    slot: AtomicU64,
+    entries: Box<[AtomicU64]>,
+}
+
+impl Ring {
+    fn new() -> Self {
+        Ring {
+            head: Padded(AtomicU64::new(0)),
+            tail: Padded(AtomicU64::new(0)),
+            slot: AtomicU64::new(0),
+            entries: (0..RING).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
 /// Per-block counters, kept together so a write touches one cache line.
 #[derive(Clone, Copy)]
 struct BlockStat {
@@ -98,13 +128,15 @@ pub struct VolatilityMonitor {
     fast: bool,
     layout: BlockLayout,
     slot_ns: u64,
-    epoch: Instant,
+    clock: Clock,
     /// Blocks pending in the order.
     pending: Bitfield,
     /// Pending blocks with no write in the window.
     calm: Bitfield,
     state: Mutex<State>,
-    total_writes: AtomicU64,
+    /// One write ring per ownable shard.
+    rings: Box<[Ring]>,
+    total_writes: Sharded,
 }
 
 impl std::fmt::Debug for VolatilityMonitor {
@@ -130,7 +162,7 @@ impl VolatilityMonitor {
             inner,
             layout,
             slot_ns: (window.as_nanos() as u64 / SLOTS).max(1),
-            epoch: Instant::now(),
+            clock: Clock::new(),
             pending: Bitfield::new(n),
             calm: Bitfield::new(n),
             state: Mutex::new(State {
@@ -150,7 +182,8 @@ impl VolatilityMonitor {
                 log: Vec::with_capacity(LOG_MAX),
                 log_slot: 0,
             }),
-            total_writes: AtomicU64::new(0),
+            rings: (0..SHARDS).map(|_| Ring::new()).collect(),
+            total_writes: Sharded::new(),
         })
     }
 
@@ -160,7 +193,7 @@ impl VolatilityMonitor {
     }
 
     fn slot_now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 / self.slot_ns
+        self.clock.elapsed_ns() / self.slot_ns
     }
 
     /// Drops slots that left the window and re-buckets their blocks.
@@ -200,13 +233,34 @@ impl VolatilityMonitor {
         if blocks.is_empty() {
             return;
         }
-        self.total_writes.fetch_add(1, Ordering::Relaxed);
+        self.total_writes.add(1);
         let now = self.slot_now();
-        let mut st = self.state.lock();
         let n = (blocks.end - blocks.start) as usize;
+        let sh = shard();
+        if sh.owned() && n <= RING / 4 {
+            let ring = &self.rings[sh.index()];
+            let head = ring.head.0.load(Ordering::Relaxed);
+            let tail = ring.tail.0.load(Ordering::Acquire);
+            if ring.slot.load(Ordering::Relaxed) != now || (head - tail) as usize + n > RING {
+                // A new slot or a full ring: count everything buffered
+                // (this ring included), then start the ring on `now`.
+                let mut st = self.state.lock();
+                self.fold(&mut st);
+                ring.slot.store(now, Ordering::Relaxed);
+            }
+            let mut head = ring.head.0.load(Ordering::Relaxed);
+            for b in blocks {
+                ring.entries[head as usize % RING].store(b, Ordering::Relaxed);
+                head += 1;
+            }
+            ring.head.0.store(head, Ordering::Release);
+            return;
+        }
+        let mut st = self.state.lock();
         if st.log_slot != now || st.log.len() + n > LOG_MAX {
             self.fold(&mut st);
         }
+        let now = Self::clamp_slot(&st, now);
         if n >= LOG_MAX {
             // A range too large for the log (a big trim): counted at once,
             // so the log stays bounded whatever the device size.
@@ -227,12 +281,65 @@ impl VolatilityMonitor {
         self.advance(st, now);
     }
 
-    /// Counts the writes buffered in the log (all from slot `log_slot`).
+    /// Counts the writes buffered in the threads' rings and the log.
     fn fold(&self, st: &mut State) {
+        // Oldest slot first, so slots open in order; an entry from a slot
+        // older than the newest open one counts in the newest.
+        let mut order = [(0u64, 0usize); SHARDS + 1];
+        let mut n = 0;
+        for (i, r) in self.rings.iter().enumerate() {
+            if r.head.0.load(Ordering::Acquire) != r.tail.0.load(Ordering::Relaxed) {
+                order[n] = (r.slot.load(Ordering::Relaxed), i);
+                n += 1;
+            }
+        }
+        if !st.log.is_empty() {
+            order[n] = (st.log_slot, usize::MAX);
+            n += 1;
+        }
+        let order = &mut order[..n];
+        order.sort_unstable();
+        for &(slot, i) in order.iter() {
+            if i == usize::MAX {
+                self.fold_log(st);
+            } else {
+                self.fold_ring(st, slot, &self.rings[i]);
+            }
+        }
+    }
+
+    /// The slot to count writes of `slot` in: no older than the newest.
+    fn clamp_slot(st: &State, slot: u64) -> u64 {
+        st.slots.back().map_or(slot, |s| s.0.max(slot))
+    }
+
+    /// Counts one ring's entries.
+    fn fold_ring(&self, st: &mut State, slot: u64, ring: &Ring) {
+        let head = ring.head.0.load(Ordering::Acquire);
+        let tail = ring.tail.0.load(Ordering::Relaxed);
+        let now = Self::clamp_slot(st, slot);
+        self.open_slot(st, now);
+        // Touch every counter first (see `fold_log`).
+        let mut sum = 0u32;
+        for i in tail..head {
+            let b = ring.entries[i as usize % RING].load(Ordering::Relaxed);
+            sum = sum.wrapping_add(st.stats[b as usize].cur);
+        }
+        std::hint::black_box(sum);
+        for i in tail..head {
+            let b = ring.entries[i as usize % RING].load(Ordering::Relaxed);
+            self.count_write(st, now, b);
+        }
+        // Release: the owner may reuse the entries once it sees this.
+        ring.tail.0.store(head, Ordering::Release);
+    }
+
+    /// Counts the writes buffered in the log (all from slot `log_slot`).
+    fn fold_log(&self, st: &mut State) {
         if st.log.is_empty() {
             return;
         }
-        let now = st.log_slot;
+        let now = Self::clamp_slot(st, st.log_slot);
         self.open_slot(st, now);
         let log = std::mem::take(&mut st.log);
         // Touch every counter first: these loads do not depend on each
@@ -311,7 +418,7 @@ impl VolatilityMonitor {
 
     /// Writes seen since creation.
     pub fn total_writes(&self) -> u64 {
-        self.total_writes.load(Ordering::Relaxed)
+        self.total_writes.get()
     }
 }
 
@@ -458,6 +565,7 @@ mod tests {
     use crate::provider::ProviderExt;
     use crate::sources::MemoryStorage;
     use std::sync::Arc;
+    use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
     async fn least_volatile_first_and_expiry() {
@@ -580,5 +688,59 @@ mod tests {
         assert_eq!(v.volatility(1), 3);
         assert_eq!(v.volatility(blocks - 1), 1);
         assert_eq!(v.total_volatility(), blocks + 2);
+    }
+
+    /// Threads that own a shard count through their rings, the others
+    /// through the shared log; with more threads than shards writing at
+    /// once (and readers folding meanwhile), every write is counted once.
+    #[test]
+    fn concurrent_writers_through_rings_and_log_are_all_counted() {
+        let blocks = 64u64;
+        let mem: DynProvider = Arc::new(MemoryStorage::new(blocks * 4096));
+        let v = Arc::new(VolatilityMonitor::new(mem, 4096, Duration::from_secs(3600)).unwrap());
+        v.add_all();
+        let threads = crate::shard::SHARDS + 6;
+        let per_thread = 1000u64;
+        let start = Arc::new(std::sync::Barrier::new(threads + 1));
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let (v, start) = (v.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let data = Bytes::from(vec![t as u8; 4096]);
+                    start.wait();
+                    for i in 0..per_thread {
+                        // Thread t writes block (t + i) % blocks.
+                        let b = (t + i) % blocks;
+                        v.write_now(b * 4096, data.clone())
+                            .expect("memory completes now")
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        // A reader folding while the writers run.
+        for _ in 0..50 {
+            let _ = v.total_volatility();
+            std::thread::yield_now();
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        let mut model = vec![0u32; blocks as usize];
+        for t in 0..threads as u64 {
+            for i in 0..per_thread {
+                model[((t + i) % blocks) as usize] += 1;
+            }
+        }
+        for b in 0..blocks {
+            assert_eq!(v.volatility(b), model[b as usize], "block {b}");
+        }
+        assert_eq!(v.total_volatility(), threads as u64 * per_thread);
+        assert_eq!(v.total_writes(), threads as u64 * per_thread);
+        // The order still hands out every block once.
+        let mut seen: Vec<u64> = std::iter::from_fn(|| v.next().map(|i| i.block)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..blocks).collect::<Vec<_>>());
     }
 }

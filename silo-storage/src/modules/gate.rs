@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use super::LockControl;
 use crate::error::{Error, Op, Result};
 use crate::provider::{DynProvider, Now, Provider};
-use crate::shard::{shard, Padded, SHARDS};
+use crate::shard::{shard, Padded, SLOTS};
 
 const LOCKED: u64 = 1;
 const CLOSED: u64 = 2;
@@ -36,10 +36,12 @@ const CLOSED: u64 = 2;
 /// sequentially consistent. Either the operation's read comes after the flag
 /// was set (it backs out and waits) or its increment comes before the sum
 /// (`lock` waits for it to leave).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Gate {
     flags: AtomicU64,
-    in_flight: [Padded<AtomicU64>; SHARDS],
+    /// Locked additions even on owned shards: a pass may be dropped on
+    /// another thread than the one that entered.
+    in_flight: [Padded<AtomicU64>; SLOTS],
     /// Notified on unlock and close.
     opened: Notify,
     /// Notified when an operation leaves a locked or closed gate, and on
@@ -57,6 +59,17 @@ pub(crate) struct Pass<'a> {
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         self.gate.leave(self.shard);
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            flags: AtomicU64::new(0),
+            in_flight: std::array::from_fn(|_| Padded::default()),
+            opened: Notify::new(),
+            drained: Notify::new(),
+        }
     }
 }
 
@@ -79,7 +92,7 @@ impl Gate {
     /// Enters the gate if it is open: `None` when it is locked (the caller
     /// has to wait with [`Gate::enter`]).
     pub(crate) fn try_enter(&self, op: Op) -> Option<Result<Pass<'_>>> {
-        let shard = shard();
+        let shard = shard().index();
         self.in_flight[shard].0.fetch_add(1, Ordering::SeqCst);
         let f = self.flags.load(Ordering::SeqCst);
         if f == 0 {

@@ -19,16 +19,17 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
 use crate::provider::{DynProvider, Now, Provider};
-use crate::shard::{shard, Padded, SHARDS};
+use crate::shard::{shard, Counter, Padded, SLOTS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// Live counters of one operation kind.
 ///
-/// Every operation costs three atomic additions (started, completed, and
-/// bytes or errors) on counters sharded per thread, so cores do not contend
-/// for them; one operation in
+/// Every operation costs three additions (started, completed, and bytes or
+/// errors) on counters sharded per thread, so cores do not contend for
+/// them, and made with plain stores where the thread owns its shard (no
+/// locked instruction to wait for the data just written); one operation in
 /// [`Metrics::timing_every`] is also timed (two clock reads and two more
 /// additions), so the layer stays cheap on a hot path while the latency
 /// figures remain a fair sample. The in-flight count is
@@ -36,7 +37,10 @@ pub const LATENCY_BUCKETS: usize = 32;
 /// before it finishes counts as abandoned).
 #[derive(Debug)]
 pub struct OpCounters {
-    hot: [Padded<Hot>; SHARDS],
+    hot: [Padded<Hot>; SLOTS],
+    /// What the hot counters (and `abandoned`) read at the last reset:
+    /// they are never written by other threads, so a reset subtracts.
+    base: Base,
     abandoned: AtomicU64,
     errors: AtomicU64,
     total_ns: AtomicU64,
@@ -46,15 +50,24 @@ pub struct OpCounters {
 /// The counters every operation updates (one set per shard).
 #[derive(Debug, Default)]
 struct Hot {
-    started: AtomicU64,
+    started: Counter,
+    completed: Counter,
+    bytes: Counter,
+}
+
+/// Counter values at the last reset.
+#[derive(Debug, Default)]
+struct Base {
     completed: AtomicU64,
     bytes: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 impl Default for OpCounters {
     fn default() -> Self {
         OpCounters {
-            hot: Default::default(),
+            hot: std::array::from_fn(|_| Padded::default()),
+            base: Base::default(),
             abandoned: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
@@ -93,10 +106,11 @@ impl Running<'_> {
     fn finish<T>(mut self, bytes: u64, r: &Result<T>) {
         self.done = true;
         let c = self.c;
-        let hot = &c.hot[shard()].0;
+        let sh = shard();
+        let hot = &c.hot[sh.index()].0;
         match r {
             Ok(_) if bytes > 0 => {
-                hot.bytes.fetch_add(bytes, Relaxed);
+                hot.bytes.add(sh, bytes);
             }
             Ok(_) => {}
             Err(_) => {
@@ -109,14 +123,17 @@ impl Running<'_> {
                 .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
             c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
         }
-        hot.completed.fetch_add(1, Relaxed);
+        hot.completed.add(sh, 1);
     }
 }
 
 impl OpCounters {
     /// Starts an operation; it is timed if it is the first of each `every`.
     fn start(&self, every: u64) -> Running<'_> {
-        let n = self.hot[shard()].0.started.fetch_add(1, Relaxed);
+        let sh = shard();
+        let started = &self.hot[sh.index()].0.started;
+        let n = started.get();
+        started.add(sh, 1);
         Running {
             c: self,
             started: (n % every == 0).then(Instant::now),
@@ -127,13 +144,14 @@ impl OpCounters {
     /// Runs `op` synchronously as one operation if it completes (`Ok`);
     /// counts nothing if it hands its buffer back (`Err`).
     fn now<T, B>(&self, every: u64, bytes: u64, op: impl FnOnce() -> Now<T, B>) -> Now<T, B> {
-        let hot = &self.hot[shard()].0;
+        let sh = shard();
+        let hot = &self.hot[sh.index()].0;
         // The same rule as `start`: the operation that would take a started
         // count divisible by `every` is timed.
-        let timed = hot.started.load(Relaxed) % every == 0;
+        let timed = hot.started.get() % every == 0;
         let t = timed.then(Instant::now);
         let r = op()?;
-        hot.started.fetch_add(1, Relaxed);
+        hot.started.add(sh, 1);
         Running {
             c: self,
             started: t,
@@ -149,14 +167,19 @@ impl OpCounters {
         let latency_us_log2: [u64; LATENCY_BUCKETS] =
             std::array::from_fn(|i| self.latency[i].load(Relaxed));
         let timed: u64 = latency_us_log2.iter().sum();
-        let sum = |f: fn(&Hot) -> &AtomicU64| {
+        let sum = |f: fn(&Hot) -> &Counter| {
             self.hot
                 .iter()
-                .fold(0u64, |n, h| n.wrapping_add(f(&h.0).load(Relaxed)))
+                .fold(0u64, |n, h| n.wrapping_add(f(&h.0).get()))
         };
-        let ops = sum(|h| &h.completed);
+        // In flight from the raw counts (never reset), the rest since the
+        // last reset.
+        let completed = sum(|h| &h.completed);
         let started = sum(|h| &h.started);
-        let abandoned = self.abandoned.load(Relaxed);
+        let abandoned_raw = self.abandoned.load(Relaxed);
+        let in_flight = started.saturating_sub(completed.wrapping_add(abandoned_raw));
+        let ops = completed.wrapping_sub(self.base.completed.load(Relaxed));
+        let abandoned = abandoned_raw.wrapping_sub(self.base.abandoned.load(Relaxed));
         let timed_ns = self.total_ns.load(Relaxed);
         // Extrapolate the timed sample to every completed operation.
         let total_ns = if timed == 0 {
@@ -167,9 +190,9 @@ impl OpCounters {
         };
         OpSnapshot {
             ops,
-            bytes: sum(|h| &h.bytes),
+            bytes: sum(|h| &h.bytes).wrapping_sub(self.base.bytes.load(Relaxed)),
             errors: self.errors.load(Relaxed),
-            in_flight: started.saturating_sub(ops + abandoned),
+            in_flight,
             abandoned,
             timed,
             total_time: Duration::from_nanos(total_ns),
@@ -178,15 +201,18 @@ impl OpCounters {
     }
 
     fn reset(&self) {
-        // Keep `started - completed - abandoned` (in flight) unchanged.
-        let s = self.snapshot();
-        for (i, h) in self.hot.iter().enumerate() {
-            h.0.started
-                .store(if i == 0 { s.in_flight } else { 0 }, Relaxed);
-            h.0.completed.store(0, Relaxed);
-            h.0.bytes.store(0, Relaxed);
-        }
-        self.abandoned.store(0, Relaxed);
+        // The hot counters belong to the threads that add to them: record
+        // where they stand instead of zeroing them under their feet.
+        let sum = |f: fn(&Hot) -> &Counter| {
+            self.hot
+                .iter()
+                .fold(0u64, |n, h| n.wrapping_add(f(&h.0).get()))
+        };
+        self.base.completed.store(sum(|h| &h.completed), Relaxed);
+        self.base.bytes.store(sum(|h| &h.bytes), Relaxed);
+        self.base
+            .abandoned
+            .store(self.abandoned.load(Relaxed), Relaxed);
         self.errors.store(0, Relaxed);
         self.total_ns.store(0, Relaxed);
         for b in &self.latency {
