@@ -129,6 +129,94 @@ async fn no_write_lands_while_locked_under_churn() {
     );
 }
 
+/// A provider whose writes yield to the scheduler mid-way (so a task may
+/// resume on the other worker and drop the lock's pass there) and that
+/// counts writes in progress.
+struct YieldingWrites {
+    inner: MemoryStorage,
+    active: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Provider for YieldingWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn capabilities(&self) -> silo_storage::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn read_at(&self, offset: u64, buf: BytesMut) -> silo_storage::Result<BytesMut> {
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: Bytes) -> silo_storage::Result<()> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        tokio::task::yield_now().await;
+        let r = self.inner.write_at(offset, data).await;
+        tokio::task::yield_now().await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+    async fn flush(&self) -> silo_storage::Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> silo_storage::Result<()> {
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> silo_storage::Result<()> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    fn cancel_writes(&self, _offset: u64, _len: u64) {}
+    async fn close(&self) -> silo_storage::Result<()> {
+        Ok(())
+    }
+}
+
+/// `lock` returns only when no write is inside, also when writes resume
+/// on another thread than the one that entered the gate (their passes
+/// leave from there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_drains_writes_that_moved_between_threads() {
+    let inner = Arc::new(YieldingWrites {
+        inner: MemoryStorage::new(64 * 1024),
+        active: AtomicUsize::new(0),
+    });
+    let l = Arc::new(Lockable::new(inner.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let (l, stop) = (l.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                l.write_slice((w * 4096 + n) % 60_000, &[n as u8; 512])
+                    .await
+                    .unwrap();
+            }
+            n
+        }));
+    }
+    for round in 0..100 {
+        l.lock().await;
+        for _ in 0..3 {
+            assert_eq!(
+                inner.active.load(Ordering::SeqCst),
+                0,
+                "round {round}: a write is inside a locked gate"
+            );
+            tokio::task::yield_now().await;
+        }
+        l.unlock();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(total > 100, "writers made no progress ({total})");
+}
+
 // ---------------------------------------------------------- copy-on-write
 
 async fn patterned_base(dir: &std::path::Path, size: u64) -> (Arc<FileStorage>, Vec<u8>) {

@@ -82,6 +82,8 @@ enum Kind {
     Memory,
     Uring,
     Blocking,
+    /// `Engine::Auto`, buffered: cached reads and small writes inline.
+    Auto,
     Sparse,
 }
 
@@ -98,6 +100,7 @@ fn make(kind: Kind) -> Dut {
         Kind::Memory => Box::new(MemoryStorage::with_chunk_size(SIZE, 8192)),
         Kind::Uring => Box::new(FileStorage::create(&path, SIZE, Engine::Uring).unwrap()),
         Kind::Blocking => Box::new(FileStorage::create(&path, SIZE, Engine::Blocking).unwrap()),
+        Kind::Auto => Box::new(FileStorage::create(&path, SIZE, Engine::Auto).unwrap()),
         Kind::Sparse => Box::new(SparseFile::create(&path, SIZE, BS).unwrap()),
     };
     Dut {
@@ -112,6 +115,7 @@ fn reopen(kind: Kind, path: &std::path::Path) -> Option<Box<dyn Provider>> {
         Kind::Memory => None,
         Kind::Uring => Some(Box::new(FileStorage::open(path, Engine::Uring).unwrap())),
         Kind::Blocking => Some(Box::new(FileStorage::open(path, Engine::Blocking).unwrap())),
+        Kind::Auto => Some(Box::new(FileStorage::open(path, Engine::Auto).unwrap())),
         Kind::Sparse => Some(Box::new(SparseFile::open(path).unwrap())),
     }
 }
@@ -229,6 +233,11 @@ proptest! {
     #[test]
     fn file_blocking_matches_model(acts in prop::collection::vec(act(), 1..60)) {
         rt().block_on(run(Kind::Blocking, acts))?;
+    }
+
+    #[test]
+    fn file_auto_matches_model(acts in prop::collection::vec(act(), 1..60)) {
+        rt().block_on(run(Kind::Auto, acts))?;
     }
 
     #[test]
