@@ -37,6 +37,11 @@ impl Gate {
         Ok(pass)
     }
 
+    /// Whether closing has started.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Relaxed)
+    }
+
     /// Refuses new operations and waits for the admitted ones to finish.
     pub(crate) async fn close(&self) {
         self.0.closed.store(true, Ordering::SeqCst);
