@@ -21,7 +21,7 @@ use super::LockControl;
 use crate::barrier;
 use crate::error::{Error, Op, Result};
 use crate::provider::{DynProvider, Now, Provider};
-use crate::shard::{shard, Padded, Shard, SLOTS};
+use crate::shard::{shard, Counter, Padded, Shard, SLOTS};
 
 const LOCKED: u64 = 1;
 const CLOSED: u64 = 2;
@@ -76,7 +76,7 @@ impl Drop for Pass<'_> {
 struct Slot {
     /// Entries minus the leaves made on the entering shard's thread: plain
     /// stores by the owner (locked additions on the shared shard).
-    entered: AtomicU64,
+    entered: Counter,
     /// Leaves made on another thread than the owner of this shard.
     left_elsewhere: AtomicU64,
 }
@@ -97,18 +97,16 @@ impl Gate {
     /// Operations inside the gate.
     fn count(&self) -> u64 {
         self.in_flight.iter().fold(0u64, |n, c| {
-            n.wrapping_add(c.0.entered.load(Ordering::SeqCst))
+            n.wrapping_add(c.0.entered.get())
                 .wrapping_sub(c.0.left_elsewhere.load(Ordering::SeqCst))
         })
     }
 
     fn leave(&self, entered: Shard) {
         let slot = &self.in_flight[entered.index()].0;
-        if !entered.owned() {
-            slot.entered.fetch_sub(1, Ordering::SeqCst);
-        } else if shard() == entered {
-            let v = slot.entered.load(Ordering::Relaxed);
-            slot.entered.store(v.wrapping_sub(1), Ordering::Relaxed);
+        if !entered.owned() || shard() == entered {
+            // Adding u64::MAX subtracts one (wrapping).
+            slot.entered.add(entered, u64::MAX);
         } else {
             slot.left_elsewhere.fetch_add(1, Ordering::SeqCst);
         }
@@ -123,13 +121,7 @@ impl Gate {
     /// has to wait with [`Gate::enter`]).
     pub(crate) fn try_enter(&self, op: Op) -> Option<Result<Pass<'_>>> {
         let shard = shard();
-        let slot = &self.in_flight[shard.index()].0;
-        if shard.owned() {
-            let v = slot.entered.load(Ordering::Relaxed);
-            slot.entered.store(v.wrapping_add(1), Ordering::Relaxed);
-        } else {
-            slot.entered.fetch_add(1, Ordering::SeqCst);
-        }
+        self.in_flight[shard.index()].0.entered.add(shard, 1);
         barrier::fast();
         let f = self.flags.load(Ordering::SeqCst);
         if f == 0 {
