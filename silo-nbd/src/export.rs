@@ -75,6 +75,8 @@ pub struct ExportMetrics {
     pub(crate) in_flight: AtomicU64,
     pub(crate) connections: AtomicU64,
     pub(crate) connections_total: AtomicU64,
+    pub(crate) busy_poll_hits: AtomicU64,
+    pub(crate) busy_poll_misses: AtomicU64,
 }
 
 /// A point-in-time copy of [`ExportMetrics`].
@@ -107,6 +109,11 @@ pub struct ExportStats {
     pub connections: u64,
     /// Connections ever opened on this export.
     pub connections_total: u64,
+    /// Requests an idle connection found by busy polling
+    /// ([`ServerConfig::busy_poll`](crate::ServerConfig::busy_poll)).
+    pub busy_poll_hits: u64,
+    /// Busy-poll rounds that found nothing within the budget.
+    pub busy_poll_misses: u64,
 }
 
 impl ExportMetrics {
@@ -127,6 +134,8 @@ impl ExportMetrics {
             in_flight: g(&self.in_flight),
             connections: g(&self.connections),
             connections_total: g(&self.connections_total),
+            busy_poll_hits: g(&self.busy_poll_hits),
+            busy_poll_misses: g(&self.busy_poll_misses),
         }
     }
 }

@@ -35,6 +35,7 @@
 //! [`Provider`]: silo_storage::Provider
 #![deny(unsafe_code)]
 
+mod busy_poll;
 pub mod errno;
 mod error;
 pub mod export;

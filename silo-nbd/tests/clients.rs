@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use silo_nbd::{AllocationTracker, Export};
+use silo_nbd::{AllocationTracker, Export, ServerConfig};
 use silo_storage::{Capabilities, DynProvider, MemoryStorage, ProviderExt};
 
 const MIB: u64 = 1 << 20;
@@ -97,6 +97,48 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
     ]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Pattern verification failed"), "{stdout}");
+}
+
+/// A client at queue depth 1 (qemu-io runs one command at a time) is
+/// served by busy polling when its requests come within the budget, over
+/// TCP and Unix sockets, with the same data; with polling off, never.
+#[test]
+fn busy_polling_serves_a_queue_depth_1_client() {
+    need("qemu-io");
+    let script = |uri: &str| {
+        let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+        for i in 0..40u64 {
+            let p = 1 + i % 200;
+            args.extend(["-c".into(), format!("write -P {p} {} 4k", i * 4096)]);
+            args.extend(["-c".into(), format!("read -P {p} {} 4k", i * 4096)]);
+        }
+        args.push(uri.into());
+        let out = run(Command::new("qemu-io").args(&args));
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        assert_eq!(out.matches("read ").count(), 40, "{out}");
+    };
+    // A budget no client turnaround exceeds, so every quick request counts.
+    let config = ServerConfig::default().with_busy_poll(std::time::Duration::from_millis(200));
+    let t = TestServer::start_with(config, vec![Export::new("disk", memory(MIB))]);
+    script(&t.uri("disk"));
+    let tcp = t.server.export("disk").unwrap().metrics().snapshot();
+    assert!(tcp.busy_poll_hits >= 40, "{tcp:?}");
+    script(&t.unix_uri("disk"));
+    let unix = t.server.export("disk").unwrap().metrics().snapshot();
+    assert!(unix.busy_poll_hits >= tcp.busy_poll_hits + 40, "{unix:?}");
+    let c = contents(&t.rt, &t.provider("disk"));
+    for i in 0..40usize {
+        assert!(c[i * 4096..(i + 1) * 4096]
+            .iter()
+            .all(|&b| b as usize == 1 + i % 200));
+    }
+
+    let off = ServerConfig::default().with_busy_poll(std::time::Duration::ZERO);
+    let t = TestServer::start_with(off, vec![Export::new("disk", memory(MIB))]);
+    script(&t.uri("disk"));
+    let s = t.server.export("disk").unwrap().metrics().snapshot();
+    assert_eq!((s.busy_poll_hits, s.busy_poll_misses), (0, 0), "{s:?}");
+    assert_eq!(s.writes, 40);
 }
 
 #[test]
