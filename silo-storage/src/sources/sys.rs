@@ -433,6 +433,16 @@ pub(crate) mod uring {
         Ok(rings[THREAD_INDEX.with(|i| *i) % rings.len()])
     }
 
+    /// Ring number `key` (modulo the number of rings): what keeps the
+    /// buffered writes of one file on one ring, whose io-wq then runs them
+    /// one at a time (it serialises buffered writes per inode), instead of
+    /// a worker per ring spinning on the inode lock the filesystem takes
+    /// for each of them anyway.
+    pub(crate) fn keyed(key: usize) -> Result<&'static Ring, String> {
+        let rings = rings()?;
+        Ok(rings[key % rings.len()])
+    }
+
     /// Counters summed over all rings.
     pub(crate) fn stats() -> Option<RingStats> {
         let rings = rings().ok()?;
