@@ -169,7 +169,7 @@ impl RequestDecoder {
         }
         let total = REQUEST_HEADER_LEN + header.len as usize;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // The caller makes room for the rest ([`Self::wanted`]).
             return Ok(None);
         }
         buf.advance(REQUEST_HEADER_LEN);

@@ -17,12 +17,14 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(10);
 
-/// Reads at offsets below `slow_below` wait `delay` first.
+/// Reads at offsets below `slow_below` wait `delay` first; writes wait
+/// for a permit of `write_gate`, if there is one.
 struct Slow {
     inner: MemoryStorage,
     slow_below: u64,
     delay: Duration,
     reads: AtomicU64,
+    write_gate: Option<tokio::sync::Semaphore>,
 }
 
 #[async_trait]
@@ -41,6 +43,9 @@ impl Provider for Slow {
         self.inner.read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
+        if let Some(g) = &self.write_gate {
+            g.acquire().await.expect("never closed").forget();
+        }
         self.inner.write_at(offset, data).await
     }
     async fn flush(&self) -> Result<()> {
@@ -112,6 +117,7 @@ async fn start(slow: Duration) -> (Server, u16, Arc<Slow>) {
         slow_below: 4096,
         delay: slow,
         reads: AtomicU64::new(0),
+        write_gate: None,
     });
     let server = Server::new(ServerConfig::default().with_max_in_flight(16));
     server.add_export(Export::new("disk", p.clone())).unwrap();
@@ -165,7 +171,7 @@ fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8>
 }
 
 /// Reads one simple reply: (error, cookie).
-async fn reply(s: &mut TcpStream) -> (u32, u64) {
+async fn reply<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u32, u64) {
     let mut h = [0u8; 16];
     tokio::time::timeout(T, s.read_exact(&mut h))
         .await
@@ -337,6 +343,53 @@ async fn slow_read_does_not_block_other_requests() {
     let mut fast: Vec<u64> = order[..9].to_vec();
     fast.sort();
     assert_eq!(fast, (2..=10).collect::<Vec<_>>());
+    server.shutdown().await;
+}
+
+/// Writes that wait for their provider hold at most a few MiB of payload
+/// per connection: the server stops reading (TCP back-pressure) instead of
+/// buffering everything the client sends, and answers all once they land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_writes_hold_bounded_memory() {
+    const MIB: u64 = 1 << 20;
+    let p = Arc::new(Slow {
+        inner: MemoryStorage::new(64 * MIB),
+        slow_below: 0,
+        delay: Duration::ZERO,
+        reads: AtomicU64::new(0),
+        write_gate: Some(tokio::sync::Semaphore::new(0)),
+    });
+    let server = Server::new(ServerConfig::default());
+    let export = server.add_export(Export::new("disk", p.clone())).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_tcp(l).await });
+    let s = connect(port).await;
+    let (mut r, mut w) = s.into_split();
+    let n = 48u64;
+    let writer = tokio::spawn(async move {
+        for c in 0..n {
+            w.write_all(&request(CMD_WRITE, 0, c, c * MIB, MIB as u32))
+                .await
+                .unwrap();
+            w.write_all(&vec![c as u8 + 1; MIB as usize]).await.unwrap();
+        }
+        w
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stuck = export.metrics().snapshot().in_flight;
+    assert!((2..=9).contains(&stuck), "{stuck} writes in flight");
+    p.write_gate.as_ref().unwrap().add_permits(n as usize);
+    for _ in 0..n {
+        let (err, _) = reply(&mut r).await;
+        assert_eq!(err, 0);
+    }
+    let _w = writer.await.unwrap();
+    for c in [0, 17, n - 1] {
+        let b = p.inner.read_bytes(c * MIB, MIB as usize).await.unwrap();
+        assert!(b.iter().all(|&x| x == c as u8 + 1), "block {c}");
+    }
     server.shutdown().await;
 }
 
