@@ -148,6 +148,17 @@ impl BlockMeta {
         );
     }
 
+    /// Loads block `b`'s change count, so that the cache miss it likely
+    /// is overlaps the data write that follows instead of waiting for it
+    /// (the write ends with the inner provider's locks, which order every
+    /// later load after the write's stores have drained).
+    #[inline]
+    fn touch(&self, b: u64) {
+        if let Some(c) = self.changes.get(b as usize) {
+            std::hint::black_box(c.load(Ordering::Relaxed));
+        }
+    }
+
     fn clear(&self, b: u64) {
         let b = b as usize;
         self.changes[b].store(0, Ordering::Relaxed);
@@ -205,6 +216,7 @@ impl Shared {
             return Err(data);
         }
         let len = data.len() as u64;
+        self.meta.touch(self.layout.first_block(offset));
         let r = (*self.inner).write_now(offset, data)?;
         self.after_mutation(&r, offset, len);
         Ok(r)
