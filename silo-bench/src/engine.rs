@@ -178,9 +178,12 @@ fn write_overhead(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime
     let mut bare = Duration::MAX;
     let mut stacked = Duration::MAX;
     for _ in 0..5 {
-        bare = bare.min(run(filled(rt, size)));
-
+        // Both runs write into the same memory: separately allocated
+        // devices differ by up to 1.5x in this loop (how the host backs the
+        // pages, TLB reach), which would swamp the layers' cost.
         let mem = filled(rt, size);
+        bare = bare.min(run(mem.clone()));
+
         let (local, remote) = dirty_tracker(mem, bs).expect("tracker");
         remote.track_at(0, size);
         let vol: DynProvider = Arc::new(

@@ -46,7 +46,7 @@
 //! ~100 ns per 4 KiB write, because it waits for the copy to reach the
 //! cache. Without `membarrier`, both sides use full fences.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,65 +104,53 @@ pub struct DirtySelect {
     pub min_changed: u32,
 }
 
-/// Per-block write bookkeeping, in two small tables so that a write does
-/// not wait for a cache miss (the tables of a large device compete with
-/// its data for the cache):
+/// Per-block write bookkeeping, one 64-bit word a block so that a write
+/// touches one cache line of it (the table of a large device competes with
+/// its data for the cache, and each line missed is a wait):
 ///
-/// * `at`: the time of the last write while tracked, in milliseconds since
-///   the tracker's epoch, wrapping (ages are exact below 49 days; 0 means
-///   never written). A write only stores it, and a store that misses the
-///   cache does not hold the CPU up.
-/// * `changes`: writes since the block last became clean, saturating at
-///   `u16::MAX` (2 bytes a block, so the table mostly stays cached).
+/// * high 32 bits: the time of the last write while tracked, in
+///   milliseconds since the tracker's epoch, wrapping (ages are exact below
+///   49 days; 0 means never written);
+/// * low 16 bits: writes since the block last became clean, saturating at
+///   `u16::MAX`.
 struct BlockMeta {
-    at: Box<[AtomicU32]>,
-    changes: Box<[AtomicU16]>,
+    words: Box<[AtomicU64]>,
 }
 
 impl BlockMeta {
     fn new(n: u64) -> Self {
         BlockMeta {
-            at: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            changes: (0..n).map(|_| AtomicU16::new(0)).collect(),
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// (last write time, changes) of block `b`.
     fn get(&self, b: u64) -> (u32, u32) {
-        let b = b as usize;
-        (
-            self.at[b].load(Ordering::Relaxed),
-            u32::from(self.changes[b].load(Ordering::Relaxed)),
-        )
+        let w = self.words[b as usize].load(Ordering::Relaxed);
+        ((w >> 32) as u32, (w & 0xffff) as u32)
     }
 
-    /// Records a write of block `b` at `at` (a heuristic: plain loads and
-    /// stores).
+    /// Records a write at time `at` (only the writing side calls it; a
+    /// lost increment under racing writers costs one count, never a block).
     fn record(&self, b: u64, at: u32) {
-        let b = b as usize;
-        self.at[b].store(at, Ordering::Relaxed);
-        let c = &self.changes[b];
-        c.store(
-            c.load(Ordering::Relaxed).saturating_add(1),
-            Ordering::Relaxed,
-        );
+        let w = &self.words[b as usize];
+        let changes = ((w.load(Ordering::Relaxed) & 0xffff) + 1).min(0xffff);
+        w.store(u64::from(at) << 32 | changes, Ordering::Relaxed);
     }
 
-    /// Loads block `b`'s change count, so that the cache miss it likely
-    /// is overlaps the data write that follows instead of waiting for it
-    /// (the write ends with the inner provider's locks, which order every
-    /// later load after the write's stores have drained).
+    /// Loads block `b`'s word, so that the cache miss it likely is overlaps
+    /// the data write that follows instead of waiting for it (the write ends
+    /// with the inner provider's locks, which order every later load after
+    /// the write's stores have drained).
     #[inline]
     fn touch(&self, b: u64) {
-        if let Some(c) = self.changes.get(b as usize) {
-            std::hint::black_box(c.load(Ordering::Relaxed));
+        if let Some(w) = self.words.get(b as usize) {
+            std::hint::black_box(w.load(Ordering::Relaxed));
         }
     }
 
     fn clear(&self, b: u64) {
-        let b = b as usize;
-        self.changes[b].store(0, Ordering::Relaxed);
-        self.at[b].store(0, Ordering::Relaxed);
+        self.words[b as usize].store(0, Ordering::Relaxed);
     }
 }
 
