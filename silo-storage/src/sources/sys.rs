@@ -70,6 +70,28 @@ pub(crate) fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Resul
     }
 }
 
+/// How many times the calling thread has given up the CPU voluntarily
+/// (slept in the kernel: waited for a lock, I/O or writeback throttling),
+/// from `getrusage(RUSAGE_THREAD)`; `None` where that is unavailable.
+/// Preemption is not counted, so a difference across a call tells that the
+/// call blocked, not that the machine was busy.
+pub(crate) fn voluntary_switches() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `rusage` is plain old data for which all-zero bytes are a
+        // valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, exclusively borrowed `rusage` the kernel
+        // fills during this synchronous call.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        (r == 0).then_some(ru.ru_nvcsw as u64)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// `posix_fadvise(DONTNEED)` over the whole file: drops its clean cached
 /// pages (tests use it to make reads miss the page cache).
 #[cfg(test)]
