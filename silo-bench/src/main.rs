@@ -26,6 +26,13 @@ pub struct Opts {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(nbd::SERVE_ARG) {
+        if let Err(e) = nbd::serve_child(&args[1..]) {
+            eprintln!("silo-bench {}: {e}", nbd::SERVE_ARG);
+            std::process::exit(1);
+        }
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let groups: Vec<&str> = args
         .iter()

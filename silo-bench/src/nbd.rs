@@ -7,11 +7,12 @@
 //! * **file**: a fresh sparse raw file on disk per server (buffered I/O for
 //!   all three); silo uses `FileStorage` (engine `Auto`: io_uring if allowed).
 //!
-//! Workloads, one server at a time, in this order (so reads see real data):
+//! Every server runs in a process of its own (ours is this binary started
+//! as `silo-bench __serve-nbd`). Workloads, one server at a time, in this order (so reads see real data):
 //! 1. `nbdcopy --no-extents SRC URI`: sequential write of random data from a
-//!    tmpfs file (MB/s), twice: the first pass fills the fresh export, the
-//!    second (measured) overwrites it.
-//! 2. `nbdcopy --no-extents URI null:`: sequential read (MB/s).
+//!    tmpfs file (MB/s): a first pass fills the fresh export, then the best
+//!    of three overwrites counts.
+//! 2. `nbdcopy --no-extents URI null:`: sequential read (MB/s, best of three).
 //! 3. `fio --ioengine=nbd --rw=randrw --bs=4k --iodepth=32`: read + write IOPS.
 //! 4. the same at `--iodepth=1`: mean completion latency of reads and writes
 //!    (µs, lower is better).
@@ -266,42 +267,67 @@ fn spawn_peer(cmd: &mut Command, port: u16) -> Result<Peer, String> {
     Ok(Peer(c))
 }
 
+/// Runs our server in a child process of its own (`silo-bench __serve-nbd`),
+/// like the peers: the pinned QD1 run pins every thread of the serving
+/// process, and in this process that would include whatever earlier
+/// benchmark groups left running.
 fn silo(
-    rt: &tokio::runtime::Runtime,
     backing: Backing,
     dir: &Path,
     src: &Path,
     size: u64,
     runtime: u64,
 ) -> Result<Figures, String> {
-    let provider: DynProvider = match backing {
-        Backing::Memory => Arc::new(MemoryStorage::new(size)),
-        Backing::File => Arc::new(
-            FileStorage::create(dir.join("silo.raw"), size, Engine::Auto)
-                .map_err(|e| e.to_string())?,
-        ),
+    let port = free_port();
+    let path = dir.join("silo.raw");
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(SERVE_ARG)
+        .arg(backing.label())
+        .arg(&path)
+        .arg(size.to_string())
+        .arg(port.to_string());
+    let peer = spawn_peer(&mut cmd, port)?;
+    measure_peer(peer, port, src, size, runtime, &path)
+}
+
+/// First argument that makes `silo-bench` an NBD server process (see
+/// [`serve_child`]).
+pub const SERVE_ARG: &str = "__serve-nbd";
+
+/// The server process: `silo-bench __serve-nbd memory|file PATH SIZE PORT`
+/// serves one export named `disk` (a `MemoryStorage`, or a fresh
+/// `FileStorage` at PATH with engine `Auto`) on 127.0.0.1:PORT with the
+/// default `ServerConfig`, until it is killed.
+pub fn serve_child(args: &[String]) -> Result<(), String> {
+    let [backing, path, size, port] = args else {
+        return Err(format!(
+            "usage: silo-bench {SERVE_ARG} memory|file PATH SIZE PORT"
+        ));
     };
-    let server = Server::new(ServerConfig::default());
-    server
-        .add_export(Export::new("disk", provider))
+    let size: u64 = size.parse().map_err(|e| format!("size {size:?}: {e}"))?;
+    let port: u16 = port.parse().map_err(|e| format!("port {port:?}: {e}"))?;
+    let provider: DynProvider = match backing.as_str() {
+        "memory" => Arc::new(MemoryStorage::new(size)),
+        "file" => {
+            Arc::new(FileStorage::create(path, size, Engine::Auto).map_err(|e| e.to_string())?)
+        }
+        other => return Err(format!("unknown backing {other:?}")),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
         .map_err(|e| e.to_string())?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let s = server.clone();
-    let task = rt.spawn(async move { s.serve_tcp(listener).await });
-    let res = measure(
-        &format!("nbd://127.0.0.1:{port}/disk"),
-        src,
-        size,
-        runtime,
-        std::process::id(),
-    );
-    rt.block_on(server.shutdown());
-    let _ = rt.block_on(task);
-    let _ = std::fs::remove_file(dir.join("silo.raw"));
-    res
+    rt.block_on(async {
+        let server = Server::new(ServerConfig::default());
+        server
+            .add_export(Export::new("disk", provider))
+            .map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        server.serve_tcp(listener).await.map_err(|e| e.to_string())
+    })
 }
 
 fn qemu_nbd(
@@ -467,7 +493,7 @@ fn rows(report: &mut Report, backing: Backing, ours: &Figures, peer: &str, their
 }
 
 /// Runs the nbd benchmarks, failing on the first error.
-fn run_group(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+fn run_group(opts: &Opts, report: &mut Report) -> Result<(), String> {
     for tool in ["nbdcopy", "fio", "qemu-nbd", "nbdkit"] {
         if !have(tool) {
             return Err(format!(
@@ -493,7 +519,7 @@ fn run_group(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) -> 
     }
     for backing in [Backing::Memory, Backing::File] {
         println!("nbd: {} backing, {} MiB", backing.label(), size >> 20);
-        let ours = silo(rt, backing, dir.path(), &src, size, runtime)?;
+        let ours = silo(backing, dir.path(), &src, size, runtime)?;
         let qemu = qemu_nbd(backing, dir.path(), shm.path(), &src, size, runtime)?;
         let kit = nbdkit(backing, dir.path(), &src, size, runtime)?;
         println!("  silo {ours:?}\n  qemu-nbd {qemu:?}\n  nbdkit {kit:?}");
@@ -503,7 +529,7 @@ fn run_group(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) -> 
     report.note(
         GROUP,
         &format!(
-            "Each server in turn serves a {} MiB export on 127.0.0.1; nbdcopy (libnbd defaults, `--no-extents`) \
+            "Each server in turn, in a process of its own, serves a {} MiB export on 127.0.0.1; nbdcopy (libnbd defaults, `--no-extents`) \
 writes random data from tmpfs (a first pass fills the export, then the best of {SEQ_RUNS} overwrites counts) then reads it to `null:` (best of {SEQ_RUNS}); fio's nbd engine runs 4 KiB randrw for {runtime} s at QD32 \
 (sum of read and write IOPS) and QD1 (mean completion latency). Memory backing: silo MemoryStorage, `nbdkit memory`, \
 qemu-nbd on a tmpfs file. File backing: a fresh sparse file on disk per server, buffered I/O (silo FileStorage, \
@@ -525,8 +551,8 @@ faults, up to 3× apart in either direction between runs, rather than the server
 }
 
 /// Runs the nbd benchmarks (entry point used by `main`).
-pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
-    if let Err(e) = run_group(opts, report, rt) {
+pub fn run(opts: &Opts, report: &mut Report, _rt: &tokio::runtime::Runtime) {
+    if let Err(e) = run_group(opts, report) {
         println!("nbd: benchmark failed: {e}");
         report.note(GROUP, &format!("The nbd benchmarks did not complete: {e}"));
     }
