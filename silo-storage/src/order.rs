@@ -126,9 +126,11 @@ impl BlockOrder for AnyOrder {
 /// behind it.
 pub struct PriorityOrder {
     next: Arc<dyn BlockOrder>,
-    /// Blocks with an outstanding request (cleared when handed out by any
-    /// path), and the requests in arrival order. Entries in the queue whose
-    /// bit is clear are stale and skipped.
+    /// Blocks with an outstanding request, and the requests in arrival
+    /// order. Bits change only under the queue's lock, and a block's bit is
+    /// set exactly while the queue holds one entry for it: a block removed
+    /// (or handed out by the order behind) and requested again queues at
+    /// the back, never at the place of its first request.
     requested: Bitfield,
     queue: Mutex<VecDeque<u64>>,
 }
@@ -169,7 +171,7 @@ impl BlockOrder for PriorityOrder {
         self.next.add_all();
     }
     fn remove(&self, block: u64) -> bool {
-        self.requested.clear(block);
+        self.withdraw(block);
         self.next.remove(block)
     }
     fn contains(&self, block: u64) -> bool {
@@ -182,17 +184,23 @@ impl BlockOrder for PriorityOrder {
         if !self.next.contains(block) {
             return false;
         }
+        let mut queue = self.queue.lock();
         if self.requested.set_if_clear(block) {
-            self.queue.lock().push_back(block);
+            queue.push_back(block);
         }
         true
     }
     fn next_priority(&self) -> Option<BlockInfo> {
         loop {
-            let block = self.queue.lock().pop_front()?;
-            // Stale entries (already handed out or removed) are skipped; the
-            // order behind us decides whether the block is still pending.
-            if self.requested.clear_if_set(block) && self.next.remove(block) {
+            let block = {
+                let mut queue = self.queue.lock();
+                let block = queue.pop_front()?;
+                self.requested.clear(block);
+                block
+            };
+            // The order behind us decides whether the block is still
+            // pending (another path may have handed it out meanwhile).
+            if self.next.remove(block) {
                 return Some(BlockInfo {
                     block,
                     kind: BlockKind::Priority,
@@ -205,8 +213,26 @@ impl BlockOrder for PriorityOrder {
             return Some(info);
         }
         let info = self.next.next()?;
-        self.requested.clear(info.block);
+        self.withdraw(info.block);
         Some(info)
+    }
+}
+
+impl PriorityOrder {
+    /// Drops the outstanding request for `block`, if any. The unlocked test
+    /// first keeps the common case (no request) off the lock; a request
+    /// that races it is ordered after it, and is dropped when popped if the
+    /// order behind no longer holds the block.
+    fn withdraw(&self, block: u64) {
+        if !self.requested.test(block) {
+            return;
+        }
+        let mut queue = self.queue.lock();
+        if self.requested.clear_if_set(block) {
+            if let Some(i) = queue.iter().position(|&b| b == block) {
+                queue.remove(i);
+            }
+        }
     }
 }
 
@@ -233,5 +259,30 @@ mod tests {
         assert_eq!(rest.len(), 128 - 4);
         assert!(!rest.contains(&10) && !rest.contains(&57) && !rest.contains(&3));
         assert!(!p.prioritise(5), "already handed out");
+    }
+
+    /// Found by `engine_props::priority_any_order_invariants`: a block
+    /// removed while requested, re-added and requested again used to come
+    /// out at the place of its first request, ahead of earlier requests.
+    #[test]
+    fn a_request_after_removal_queues_at_the_back() {
+        let any = Arc::new(AnyOrder::new(128));
+        let p = PriorityOrder::new(any);
+        p.add_all();
+        for b in [0, 1, 2, 68] {
+            assert!(p.prioritise(b));
+        }
+        assert_eq!(p.next().unwrap().block, 0);
+        assert!(p.prioritise(3));
+        assert_eq!(p.next().unwrap().block, 1);
+        assert!(p.remove(68));
+        p.add_all();
+        assert_eq!(p.next().unwrap().block, 2);
+        assert!(p.prioritise(68));
+        assert_eq!(p.next().unwrap().block, 3, "earliest request first");
+        let b = p.next().unwrap();
+        assert_eq!((b.block, b.kind), (68, BlockKind::Priority));
+        assert_eq!(p.requested(), 0);
+        assert_eq!(p.next().unwrap().kind, BlockKind::Standard);
     }
 }
