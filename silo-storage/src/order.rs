@@ -158,6 +158,22 @@ impl PriorityOrder {
     pub fn requested(&self) -> u64 {
         self.requested.count()
     }
+
+    /// Drops the outstanding request for `block`, if any. The unlocked test
+    /// first keeps the common case (no request) off the lock; a request
+    /// that races it is ordered after it, and is dropped when popped if the
+    /// order behind no longer holds the block.
+    fn withdraw(&self, block: u64) {
+        if !self.requested.test(block) {
+            return;
+        }
+        let mut queue = self.queue.lock();
+        if self.requested.clear_if_set(block) {
+            if let Some(i) = queue.iter().position(|&b| b == block) {
+                queue.remove(i);
+            }
+        }
+    }
 }
 
 impl BlockOrder for PriorityOrder {
@@ -215,24 +231,6 @@ impl BlockOrder for PriorityOrder {
         let info = self.next.next()?;
         self.withdraw(info.block);
         Some(info)
-    }
-}
-
-impl PriorityOrder {
-    /// Drops the outstanding request for `block`, if any. The unlocked test
-    /// first keeps the common case (no request) off the lock; a request
-    /// that races it is ordered after it, and is dropped when popped if the
-    /// order behind no longer holds the block.
-    fn withdraw(&self, block: u64) {
-        if !self.requested.test(block) {
-            return;
-        }
-        let mut queue = self.queue.lock();
-        if self.requested.clear_if_set(block) {
-            if let Some(i) = queue.iter().position(|&b| b == block) {
-                queue.remove(i);
-            }
-        }
     }
 }
 

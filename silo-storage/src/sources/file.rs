@@ -44,8 +44,9 @@
 //! (the thread's voluntary context switches went up) and took longer than
 //! [`INLINE_SLOW`], the file sends its writes to the engine for
 //! [`INLINE_BACKOFF_FACTOR`] times as long as that write took (at most
-//! [`INLINE_BACKOFF_MAX`]), then tries inline again, so inline writes keep
-//! a worker blocked for at most about 1/17 of the time. A write that was
+//! [`INLINE_BACKOFF_MAX`]), then tries inline again, so stalling inline writes keep
+//! a worker blocked for about 1/17 of the time at most (for stalls up to
+//! the cap's 1/16, about 60 ms). A write that was
 //! only preempted does not count: on a busy 2-core machine that is common.
 //! (A fixed 200 ms back-off after any write slower than 2 ms sent most of
 //! a sequential overwrite through hand-offs: a few short waits on the
