@@ -3,7 +3,7 @@
 //! # Contract
 //!
 //! * **Ranges are checked at the edge.** A request that does not lie entirely
-//!   inside `[0, size())` fails with [`Error::OutOfRange`]; nothing is
+//!   inside `[0, size())` fails with [`Error::OutOfRange`](crate::Error::OutOfRange); nothing is
 //!   truncated silently and nothing panics. Zero-length requests inside (or at
 //!   the end of) the device succeed and do nothing.
 //! * **Buffers are owned while I/O is in flight.** [`Provider::read_at`] takes a
@@ -18,12 +18,12 @@
 //!   as zeroes on every silo provider (stronger than NBD requires, and what a
 //!   migration needs to stay deterministic).
 //! * **`cancel_writes(offset, len)`** is a hint: writes to that range that
-//!   are in flight *may* fail with [`Error::Cancelled`]; writes not yet issued
+//!   are in flight *may* fail with [`Error::Cancelled`](crate::Error::Cancelled); writes not yet issued
 //!   are unaffected. Providers with nothing to cancel ignore it.
 //! * **`flush`** returns once every write that completed before it was issued
 //!   is durable (for volatile providers: immediately).
 //! * **`close`** waits for in-flight operations to finish, releases resources
-//!   and makes later operations fail with [`Error::Closed`]. Closing twice is
+//!   and makes later operations fail with [`Error::Closed`](crate::Error::Closed). Closing twice is
 //!   not an error.
 //! * **Capabilities** describe what a layer can do, and every module forwards
 //!   (and possibly restricts) the answer of the provider it wraps, so an NBD

@@ -3,7 +3,7 @@
 //! writes wait), chosen by a [`GateMode`] marker.
 //!
 //! The gate's flags are one atomic word and its in-flight count is sharded
-//! per thread (see [`Gate`]); waiting uses
+//! per thread (see `Gate`); waiting uses
 //! [`tokio::sync::Notify`] with the "enable, then check, then await" pattern
 //! inside a loop that re-checks the condition, so a wake-up can neither be
 //! lost nor let an operation through a gate that was locked again in between

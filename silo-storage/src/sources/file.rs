@@ -4,7 +4,7 @@
 //!   io_uring instances of the process (one per CPU, see `sys::uring`): no thread hop for cached
 //!   reads at queue depth 1, batched submissions at higher depths.
 //! * [`Engine::Blocking`]: positioned I/O (`pread`/`pwrite` through
-//!   [`FileExt`]) on tokio's blocking pool.
+//!   [`FileExt`](std::os::unix::fs::FileExt)) on tokio's blocking pool.
 //!
 //! [`Engine::Auto`] probes io_uring once per process (the result is cached)
 //! and falls back to the blocking engine when it is unavailable (old kernel,
