@@ -58,7 +58,7 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::provider::{Capabilities, DynProvider, Now, Provider};
+use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, Now, Provider};
 use crate::shard::Sharded;
 
 /// Something the migrator can take the dirty set from.
@@ -210,15 +210,13 @@ impl Shared {
         Ok(r)
     }
 
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        let data = match self.write_now(offset, data) {
-            Ok(r) => return r,
-            Err(data) => data,
-        };
-        let len = data.len() as u64;
-        let r = (*self.inner).write_at(offset, data).await;
-        self.after_mutation(&r, offset, len);
-        r
+    fn write_at(&self, offset: u64, data: Bytes) -> BoxFut<'_, Result<()>> {
+        now_or(self.write_now(offset, data), move |data| async move {
+            let len = data.len() as u64;
+            let r = (*self.inner).write_at(offset, data).await;
+            self.after_mutation(&r, offset, len);
+            r
+        })
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
@@ -315,11 +313,20 @@ impl Provider for DirtyTrackerLocal {
     fn capabilities(&self) -> Capabilities {
         self.s.inner.capabilities()
     }
-    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        (*self.s.inner).read_at(offset, buf).await
+    fn read_at<'s, 'f>(&'s self, offset: u64, buf: BytesMut) -> BoxFut<'f, Result<BytesMut>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        // Local reads change nothing here: the inner provider's future.
+        (*self.s.inner).read_at(offset, buf)
     }
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        self.s.write_at(offset, data).await
+    fn write_at<'s, 'f>(&'s self, offset: u64, data: Bytes) -> BoxFut<'f, Result<()>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        self.s.write_at(offset, data)
     }
     fn may_complete_now(&self) -> bool {
         self.s.fast

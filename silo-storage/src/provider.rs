@@ -215,7 +215,31 @@ impl<P: Provider + ?Sized> ProviderExt for P {}
 /// The boxed future every provider method returns (what `async_trait`
 /// generates); the `Arc` forwarding below hands the inner provider's future
 /// through unchanged instead of boxing it a second time.
-type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A layer's `read_at` / `write_at` future from its `read_now` /
+/// `write_now` attempt: the finished result as a ready future, or the
+/// buffer handed to `slow` for the awaiting path.
+///
+/// A layer writes those two methods by hand with this (not `async fn`) so
+/// that the synchronous path builds no state machine: an `async fn` that
+/// tries `write_now` and otherwise awaits the inner provider's future costs
+/// 50–90 ns more per 4 KiB write over a memory device than this (measured
+/// at 256 MiB, random offsets: its larger future and poll/drop code sit
+/// between one write's copy and the next).
+pub(crate) fn now_or<'f, T, B, F>(
+    now: Now<T, B>,
+    slow: impl FnOnce(B) -> F,
+) -> BoxFut<'f, Result<T>>
+where
+    T: Send + 'f,
+    F: std::future::Future<Output = Result<T>> + Send + 'f,
+{
+    match now {
+        Ok(r) => Box::pin(std::future::ready(r)),
+        Err(buf) => Box::pin(slow(buf)),
+    }
+}
 
 /// Forwards async provider methods to `**self`, returning its future as is.
 macro_rules! forward_boxed {

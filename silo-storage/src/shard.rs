@@ -67,6 +67,9 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        // Later calls on this thread (other thread-locals' destructors)
+        // use the shared shard.
+        let _ = INDEX.try_with(|x| x.set(SHARDS));
         if self.0 < SHARDS {
             // Release: the next owner sees this thread's last stores.
             OWNED[self.0].store(false, Ordering::Release);
@@ -74,13 +77,35 @@ impl Drop for Claim {
     }
 }
 
+/// Index of a shard not claimed yet by this thread.
+const UNCLAIMED: usize = usize::MAX;
+
+thread_local! {
+    /// This thread's shard index, [`UNCLAIMED`] before its first claim:
+    /// a constant-initialised cell with no destructor, so reading it is one
+    /// load (every write of every layer asks).
+    static INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(UNCLAIMED) };
+    /// Holds the claim; its destructor releases the shard at thread exit.
+    static CLAIM: Claim = Claim::take();
+}
+
 /// This thread's shard (the shared one while thread-locals are being torn
 /// down).
+#[inline]
 pub(crate) fn shard() -> Shard {
-    thread_local! {
-        static CLAIM: Claim = Claim::take();
+    match INDEX.with(std::cell::Cell::get) {
+        UNCLAIMED => claim(),
+        i => Shard(i),
     }
-    CLAIM.try_with(|c| Shard(c.0)).unwrap_or(Shard(SHARDS))
+}
+
+/// The first call of a thread: takes a shard and caches its index.
+#[cold]
+#[inline(never)]
+fn claim() -> Shard {
+    let i = CLAIM.try_with(|c| c.0).unwrap_or(SHARDS);
+    INDEX.with(|x| x.set(i));
+    Shard(i)
 }
 
 /// A counter in one shard of a sharded set.

@@ -36,7 +36,7 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::error::{Error, Result};
 use crate::order::{BlockInfo, BlockKind, BlockOrder};
-use crate::provider::{Capabilities, DynProvider, Now, Provider};
+use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, Now, Provider};
 use crate::shard::{shard, Padded, Sharded, SHARDS};
 
 /// Number of time slots the window is divided into.
@@ -508,8 +508,13 @@ impl Provider for VolatilityMonitor {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        (*self.inner).read_at(offset, buf).await
+    fn read_at<'s, 'f>(&'s self, offset: u64, buf: BytesMut) -> BoxFut<'f, Result<BytesMut>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        // Reads are not counted: the inner provider's future as it is.
+        (*self.inner).read_at(offset, buf)
     }
     fn may_complete_now(&self) -> bool {
         self.fast
@@ -528,15 +533,17 @@ impl Provider for VolatilityMonitor {
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
         (*self.inner).read_now(offset, buf)
     }
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        let data = match self.write_now(offset, data) {
-            Ok(r) => return r,
-            Err(data) => data,
-        };
-        let len = data.len() as u64;
-        (*self.inner).write_at(offset, data).await?;
-        self.record(offset, len);
-        Ok(())
+    fn write_at<'s, 'f>(&'s self, offset: u64, data: Bytes) -> BoxFut<'f, Result<()>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        now_or(self.write_now(offset, data), move |data| async move {
+            let len = data.len() as u64;
+            (*self.inner).write_at(offset, data).await?;
+            self.record(offset, len);
+            Ok(())
+        })
     }
     async fn flush(&self) -> Result<()> {
         (*self.inner).flush().await

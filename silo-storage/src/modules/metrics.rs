@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::provider::{DynProvider, Now, Provider};
+use crate::provider::{now_or, BoxFut, DynProvider, Now, Provider};
 use crate::shard::{shard, Counter, Padded, SLOTS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
@@ -87,6 +87,18 @@ pub fn latency_bucket(d: Duration) -> usize {
 }
 
 /// An operation in progress; counts as abandoned if dropped unfinished.
+/// Whether the operation with started count `n` is timed: one in `every`
+/// (a mask instead of a division when `every` is a power of two, as the
+/// default is).
+#[inline]
+fn due(n: u64, every: u64) -> bool {
+    if every.is_power_of_two() {
+        n & (every - 1) == 0
+    } else {
+        n % every == 0
+    }
+}
+
 struct Running<'a> {
     c: &'a OpCounters,
     /// Set for the operations that are timed.
@@ -118,10 +130,7 @@ impl Running<'_> {
             }
         }
         if let Some(t) = self.started {
-            let d = t.elapsed();
-            c.total_ns
-                .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-            c.latency[latency_bucket(d)].fetch_add(1, Relaxed);
+            c.timed(t.elapsed());
         }
         hot.completed.add(sh, 1);
     }
@@ -136,7 +145,7 @@ impl OpCounters {
         started.add(sh, 1);
         Running {
             c: self,
-            started: (n % every == 0).then(Instant::now),
+            started: due(n, every).then(Instant::now),
             done: false,
         }
     }
@@ -144,21 +153,35 @@ impl OpCounters {
     /// Runs `op` synchronously as one operation if it completes (`Ok`);
     /// counts nothing if it hands its buffer back (`Err`).
     fn now<T, B>(&self, every: u64, bytes: u64, op: impl FnOnce() -> Now<T, B>) -> Now<T, B> {
+        // The same counting as `start` + `Running::finish`, spelled out so
+        // that the synchronous path (every write of a memory-backed stack)
+        // asks for its shard once and carries no drop guard.
         let sh = shard();
         let hot = &self.hot[sh.index()].0;
         // The same rule as `start`: the operation that would take a started
         // count divisible by `every` is timed.
-        let timed = hot.started.get() % every == 0;
-        let t = timed.then(Instant::now);
+        let t = due(hot.started.get(), every).then(Instant::now);
         let r = op()?;
         hot.started.add(sh, 1);
-        Running {
-            c: self,
-            started: t,
-            done: false,
+        match &r {
+            Ok(_) if bytes > 0 => hot.bytes.add(sh, bytes),
+            Ok(_) => {}
+            Err(_) => {
+                self.errors.fetch_add(1, Relaxed);
+            }
         }
-        .finish(bytes, &r);
+        if let Some(t) = t {
+            self.timed(t.elapsed());
+        }
+        hot.completed.add(sh, 1);
         Ok(r)
+    }
+
+    /// Records the latency of a timed operation.
+    fn timed(&self, d: Duration) {
+        self.total_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.latency[latency_bucket(d)].fetch_add(1, Relaxed);
     }
 
     /// A plain copy of the counters (not an atomic snapshot: counters
@@ -316,8 +339,12 @@ pub struct Metrics<P = DynProvider> {
     fast: bool,
 }
 
-/// By default one operation in this many is timed.
-pub const DEFAULT_TIMING_EVERY: u64 = 8;
+/// By default one operation in this many is timed (a power of two, so the
+/// choice is a mask). Timing one write in 8 cost ~35 ns per write on
+/// average over a memory device (two precise clock reads and two shared
+/// additions per timed write); one in 64 keeps the latency histogram a fair
+/// sample at any rate where latency matters, for a few nanoseconds.
+pub const DEFAULT_TIMING_EVERY: u64 = 64;
 
 impl<P: Provider> Metrics<P> {
     /// Wraps `inner` with fresh counters, timing one operation in
@@ -391,25 +418,29 @@ impl<P: Provider> Provider for Metrics<P> {
             .now(self.every, n, || self.inner.write_now(offset, data))
     }
 
-    async fn read_at(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        let buf = match self.read_now(offset, buf) {
-            Ok(r) => return r,
-            Err(buf) => buf,
-        };
-        let (run, n) = (self.m.read.start(self.every), buf.len() as u64);
-        let r = self.inner.read_at(offset, buf).await;
-        run.finish(n, &r);
-        r
+    fn read_at<'s, 'f>(&'s self, offset: u64, buf: BytesMut) -> BoxFut<'f, Result<BytesMut>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        now_or(self.read_now(offset, buf), move |buf| async move {
+            let (run, n) = (self.m.read.start(self.every), buf.len() as u64);
+            let r = self.inner.read_at(offset, buf).await;
+            run.finish(n, &r);
+            r
+        })
     }
-    async fn write_at(&self, offset: u64, data: Bytes) -> Result<()> {
-        let data = match self.write_now(offset, data) {
-            Ok(r) => return r,
-            Err(data) => data,
-        };
-        let (run, n) = (self.m.write.start(self.every), data.len() as u64);
-        let r = self.inner.write_at(offset, data).await;
-        run.finish(n, &r);
-        r
+    fn write_at<'s, 'f>(&'s self, offset: u64, data: Bytes) -> BoxFut<'f, Result<()>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        now_or(self.write_now(offset, data), move |data| async move {
+            let (run, n) = (self.m.write.start(self.every), data.len() as u64);
+            let r = self.inner.write_at(offset, data).await;
+            run.finish(n, &r);
+            r
+        })
     }
     async fn flush(&self) -> Result<()> {
         let run = self.m.flush.start(self.every);
