@@ -5,7 +5,8 @@
 //!   in volatility order, 256 KiB blocks, default concurrency, into a second
 //!   `MemoryStorage`; beside a plain `memcpy` of the same bytes between two
 //!   buffers in the same run (the limit). A migrated block is copied twice
-//!   (source → read buffer, buffer → destination), the memcpy once.
+//!   (source → read buffer, buffer → destination), the memcpy once. Best
+//!   of 3 passes on each side.
 //! * **volatility `next()` at 1 M blocks**: drain a `VolatilityMonitor` of
 //!   1 M blocks (10 % of them written first, so both the "calm" bitfield and
 //!   the ordered set are exercised), ns per `next()`; beside `AnyOrder` (a
@@ -41,6 +42,9 @@ pub fn run(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
     write_overhead(opts, report, rt);
 }
 
+/// Timed passes per side of the migration row; the best one counts.
+const RUNS: usize = 3;
+
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -49,18 +53,24 @@ fn migration(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
     let size: u64 = if opts.quick { 64 << 20 } else { 1 << 30 };
     let bs: u64 = 256 << 10;
     // Reference: memcpy of the same amount between two buffers, in 1 MiB
-    // chunks, first pass excluded (page faults).
+    // chunks, first pass excluded (page faults), best of 3 passes (a single
+    // pass varied between 2.3 and 4.3 GB/s from run to run on one VM).
     let src: Vec<u8> = (0..size as usize).map(|i| (i % 251) as u8 + 1).collect();
     let mut dst = vec![0u8; size as usize];
     dst.copy_from_slice(&src);
-    let t = Instant::now();
-    for (d, s) in dst.chunks_mut(1 << 20).zip(src.chunks(1 << 20)) {
-        d.copy_from_slice(s);
+    let mut memcpy = Duration::MAX;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        for (d, s) in dst.chunks_mut(1 << 20).zip(src.chunks(1 << 20)) {
+            d.copy_from_slice(s);
+        }
+        memcpy = memcpy.min(t.elapsed());
+        std::hint::black_box(&dst);
     }
-    let memcpy = t.elapsed();
-    std::hint::black_box(&dst);
     drop(dst);
 
+    // Ours: best of as many whole migrations (fresh tracker, order and
+    // migrator each time) between the same two devices.
     let (ours, sent) = rt.block_on(async {
         let base: DynProvider = Arc::new(MemoryStorage::new(size));
         base.write_at(0, Bytes::from(src)).await.expect("fill");
@@ -69,16 +79,23 @@ fn migration(opts: &Opts, report: &mut Report, rt: &tokio::runtime::Runtime) {
         dest.write_at(0, Bytes::from(vec![1u8; size as usize]))
             .await
             .expect("warm");
-        let (local, remote) = dirty_tracker(base, bs).expect("tracker");
-        let vol = Arc::new(
-            VolatilityMonitor::new(Arc::new(local), bs, Duration::from_secs(60)).expect("vol"),
-        );
-        vol.add_all();
-        let m =
-            Migrator::new(Arc::new(remote), dest, vol, MigratorConfig::new(bs)).expect("migrator");
-        let t = Instant::now();
-        m.migrate_all().await.expect("migrate");
-        (t.elapsed(), m.progress().bytes_sent)
+        let mut best = (Duration::MAX, 0);
+        for _ in 0..RUNS {
+            let (local, remote) = dirty_tracker(base.clone(), bs).expect("tracker");
+            let vol = Arc::new(
+                VolatilityMonitor::new(Arc::new(local), bs, Duration::from_secs(60)).expect("vol"),
+            );
+            vol.add_all();
+            let m = Migrator::new(Arc::new(remote), dest.clone(), vol, MigratorConfig::new(bs))
+                .expect("migrator");
+            let t = Instant::now();
+            m.migrate_all().await.expect("migrate");
+            let took = t.elapsed();
+            let sent = m.progress().bytes_sent;
+            assert_eq!(sent, size, "migration sent the wrong amount");
+            best = best.min((took, sent));
+        }
+        best
     });
     assert_eq!(sent, size, "migration sent the wrong amount");
     let label = if opts.quick { "64 MiB" } else { "1 GiB" };
