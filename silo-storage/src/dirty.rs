@@ -173,7 +173,8 @@ struct Shared {
 
 impl Shared {
     fn after_write(&self, offset: u64, len: u64) {
-        self.local_writes.add(1);
+        let sh = crate::shard::shard();
+        self.local_writes.add_in(sh, 1);
         // Order the data write before the tracking test (see module docs).
         barrier::fast();
         let mut now = None;
@@ -189,7 +190,7 @@ impl Shared {
             }
         }
         if any {
-            self.local_writes_dirtying.add(1);
+            self.local_writes_dirtying.add_in(sh, 1);
         }
     }
 
@@ -205,9 +206,13 @@ impl Shared {
         }
         let len = data.len() as u64;
         self.meta.touch(self.layout.first_block(offset));
-        let r = (*self.inner).write_now(offset, data)?;
-        self.after_mutation(&r, offset, len);
-        Ok(r)
+        // Returned as it came (no `?` and re-wrap), so the inner provider
+        // builds the result in our caller's slot.
+        let r = (*self.inner).write_now(offset, data);
+        if let Ok(res) = &r {
+            self.after_mutation(res, offset, len);
+        }
+        r
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFut<'_, Result<()>> {

@@ -144,10 +144,10 @@ impl Sharded {
         Sharded((0..SLOTS).map(|_| Padded(Counter::default())).collect())
     }
 
-    /// Adds `n` in the calling thread's shard.
+    /// Adds `n` in shard `s`, which must be the calling thread's (for a
+    /// caller that already asked [`shard`]).
     #[inline]
-    pub(crate) fn add(&self, n: u64) {
-        let s = shard();
+    pub(crate) fn add_in(&self, s: Shard, n: u64) {
         self.0[s.index()].0.add(s, n);
     }
 
@@ -169,7 +169,7 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        c.add(1);
+                        c.add_in(shard(), 1);
                     }
                     shard()
                 })

@@ -92,6 +92,9 @@ struct Ring {
     tail: Padded<AtomicU64>,
     /// Slot of the entries.
     slot: AtomicU64,
+    /// Clock reading (ns) at which `slot` ends; like `slot`, only the
+    /// owner uses it (0 until the first write: compute the slot).
+    end: AtomicU64,
     entries: Box<[AtomicU64]>,
 }
 
@@ -101,6 +104,7 @@ impl Ring {
             head: Padded(AtomicU64::new(0)),
             tail: Padded(AtomicU64::new(0)),
             slot: AtomicU64::new(0),
+            end: AtomicU64::new(0),
             entries: (0..RING).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -233,20 +237,28 @@ impl VolatilityMonitor {
         if blocks.is_empty() {
             return;
         }
-        self.total_writes.add(1);
-        let now = self.slot_now();
-        let n = (blocks.end - blocks.start) as usize;
         let sh = shard();
+        self.total_writes.add_in(sh, 1);
+        let ns = self.clock.elapsed_ns();
+        let n = (blocks.end - blocks.start) as usize;
         if sh.owned() && n <= RING / 4 {
             let ring = &self.rings[sh.index()];
             let head = ring.head.0.load(Ordering::Relaxed);
             let tail = ring.tail.0.load(Ordering::Acquire);
-            if ring.slot.load(Ordering::Relaxed) != now || (head - tail) as usize + n > RING {
-                // A new slot or a full ring: count everything buffered
-                // (this ring included), then start the ring on `now`.
-                let mut st = self.state.lock();
-                self.fold(&mut st);
-                ring.slot.store(now, Ordering::Relaxed);
+            let full = (head - tail) as usize + n > RING;
+            // Still inside the ring's slot (the clock is monotonic and the
+            // slot was computed from an earlier reading): no division.
+            if ns >= ring.end.load(Ordering::Relaxed) || full {
+                let now = ns / self.slot_ns;
+                if ring.slot.load(Ordering::Relaxed) != now || full {
+                    // A new slot or a full ring: count everything buffered
+                    // (this ring included), then start the ring on `now`.
+                    let mut st = self.state.lock();
+                    self.fold(&mut st);
+                    ring.slot.store(now, Ordering::Relaxed);
+                }
+                ring.end
+                    .store((now + 1).saturating_mul(self.slot_ns), Ordering::Relaxed);
             }
             let mut head = ring.head.0.load(Ordering::Relaxed);
             for b in blocks {
@@ -256,6 +268,7 @@ impl VolatilityMonitor {
             ring.head.0.store(head, Ordering::Release);
             return;
         }
+        let now = ns / self.slot_ns;
         let mut st = self.state.lock();
         if st.log_slot != now || st.log.len() + n > LOG_MAX {
             self.fold(&mut st);
@@ -524,11 +537,12 @@ impl Provider for VolatilityMonitor {
             return Err(data);
         }
         let len = data.len() as u64;
-        let r = (*self.inner).write_now(offset, data)?;
-        if r.is_ok() {
+        // Returned as it came (see `Metrics`' `now`): no copy of the result.
+        let r = (*self.inner).write_now(offset, data);
+        if let Ok(Ok(())) = r {
             self.record(offset, len);
         }
-        Ok(r)
+        r
     }
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
         (*self.inner).read_now(offset, buf)

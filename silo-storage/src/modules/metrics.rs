@@ -161,9 +161,15 @@ impl OpCounters {
         // The same rule as `start`: the operation that would take a started
         // count divisible by `every` is timed.
         let t = due(hot.started.get(), every).then(Instant::now);
-        let r = op()?;
+        // Looked at in place and returned as it came (no `?` and re-wrap):
+        // the inner layer then builds the result straight in our caller's
+        // slot instead of one the result is copied out of.
+        let r = op();
+        let Ok(res) = &r else {
+            return r;
+        };
         hot.started.add(sh, 1);
-        match &r {
+        match res {
             Ok(_) if bytes > 0 => hot.bytes.add(sh, bytes),
             Ok(_) => {}
             Err(_) => {
@@ -174,7 +180,7 @@ impl OpCounters {
             self.timed(t.elapsed());
         }
         hot.completed.add(sh, 1);
-        Ok(r)
+        r
     }
 
     /// Records the latency of a timed operation.
