@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
 use crate::provider::{now_or, BoxFut, DynProvider, Now, Provider};
-use crate::shard::{shard, Counter, Padded, SLOTS};
+use crate::shard::{shard, Counter, Padded, Shard, SLOTS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
 pub const LATENCY_BUCKETS: usize = 32;
@@ -86,7 +86,6 @@ pub fn latency_bucket(d: Duration) -> usize {
     }
 }
 
-/// An operation in progress; counts as abandoned if dropped unfinished.
 /// Whether the operation with started count `n` is timed: one in `every`
 /// (a mask instead of a division when `every` is a power of two, as the
 /// default is).
@@ -99,6 +98,7 @@ fn due(n: u64, every: u64) -> bool {
     }
 }
 
+/// An operation in progress; counts as abandoned if dropped unfinished.
 struct Running<'a> {
     c: &'a OpCounters,
     /// Set for the operations that are timed.
@@ -117,22 +117,7 @@ impl Drop for Running<'_> {
 impl Running<'_> {
     fn finish<T>(mut self, bytes: u64, r: &Result<T>) {
         self.done = true;
-        let c = self.c;
-        let sh = shard();
-        let hot = &c.hot[sh.index()].0;
-        match r {
-            Ok(_) if bytes > 0 => {
-                hot.bytes.add(sh, bytes);
-            }
-            Ok(_) => {}
-            Err(_) => {
-                c.errors.fetch_add(1, Relaxed);
-            }
-        }
-        if let Some(t) = self.started {
-            c.timed(t.elapsed());
-        }
-        hot.completed.add(sh, 1);
+        self.c.finished(shard(), bytes, r.is_ok(), self.started);
     }
 }
 
@@ -153,14 +138,14 @@ impl OpCounters {
     /// Runs `op` synchronously as one operation if it completes (`Ok`);
     /// counts nothing if it hands its buffer back (`Err`).
     fn now<T, B>(&self, every: u64, bytes: u64, op: impl FnOnce() -> Now<T, B>) -> Now<T, B> {
-        // The same counting as `start` + `Running::finish`, spelled out so
-        // that the synchronous path (every write of a memory-backed stack)
-        // asks for its shard once and carries no drop guard.
+        // The same counting as `start` + `Running::finish`, without the
+        // drop guard and with one shard lookup (the synchronous path of
+        // every write of a memory-backed stack).
         let sh = shard();
-        let hot = &self.hot[sh.index()].0;
+        let started = &self.hot[sh.index()].0.started;
         // The same rule as `start`: the operation that would take a started
         // count divisible by `every` is timed.
-        let t = due(hot.started.get(), every).then(Instant::now);
+        let t = due(started.get(), every).then(Instant::now);
         // Looked at in place and returned as it came (no `?` and re-wrap):
         // the inner layer then builds the result straight in our caller's
         // slot instead of one the result is copied out of.
@@ -168,26 +153,29 @@ impl OpCounters {
         let Ok(res) = &r else {
             return r;
         };
-        hot.started.add(sh, 1);
-        match res {
-            Ok(_) if bytes > 0 => hot.bytes.add(sh, bytes),
-            Ok(_) => {}
-            Err(_) => {
-                self.errors.fetch_add(1, Relaxed);
-            }
-        }
-        if let Some(t) = t {
-            self.timed(t.elapsed());
-        }
-        hot.completed.add(sh, 1);
+        started.add(sh, 1);
+        self.finished(sh, bytes, res.is_ok(), t);
         r
     }
 
-    /// Records the latency of a timed operation.
-    fn timed(&self, d: Duration) {
-        self.total_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-        self.latency[latency_bucket(d)].fetch_add(1, Relaxed);
+    /// Counts a finished operation in shard `sh` (the calling thread's):
+    /// its bytes or its error, its latency if it was timed (started at
+    /// `t`), and its completion.
+    #[inline]
+    fn finished(&self, sh: Shard, bytes: u64, ok: bool, t: Option<Instant>) {
+        let hot = &self.hot[sh.index()].0;
+        if !ok {
+            self.errors.fetch_add(1, Relaxed);
+        } else if bytes > 0 {
+            hot.bytes.add(sh, bytes);
+        }
+        if let Some(t) = t {
+            let d = t.elapsed();
+            self.total_ns
+                .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+            self.latency[latency_bucket(d)].fetch_add(1, Relaxed);
+        }
+        hot.completed.add(sh, 1);
     }
 
     /// A plain copy of the counters (not an atomic snapshot: counters
