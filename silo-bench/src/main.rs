@@ -24,6 +24,13 @@ pub struct Opts {
     pub quick: bool,
 }
 
+/// The benchmark groups, in run order.
+const GROUPS: [&str; 6] = ["storage", "engine", "protocol", "nbd", "s3", "devicegroup"];
+
+const USAGE: &str = "usage: cargo xtask bench [--quick] [GROUP...]\n\
+    GROUP: storage, engine, protocol, nbd, s3, devicegroup (default: all)\n\
+    --quick: smaller sizes, for a smoke run of the harness";
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(nbd::SERVE_ARG) {
@@ -36,9 +43,27 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let groups: Vec<&str> = args
         .iter()
-        .filter(|a| !a.starts_with("--"))
+        .filter(|a| !a.starts_with('-'))
         .map(String::as_str)
         .collect();
+    // Checked before anything runs: a mistyped argument must not start a
+    // full run that overwrites BENCHMARKS.md.
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    let unknown: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--quick" && !GROUPS.contains(a))
+        .collect();
+    if !unknown.is_empty() {
+        eprintln!(
+            "silo-bench: unknown argument(s): {}\n{USAGE}",
+            unknown.join(" ")
+        );
+        std::process::exit(2);
+    }
     let want = |g: &str| groups.is_empty() || groups.contains(&g);
     let opts = Opts { quick };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -47,7 +72,7 @@ fn main() {
         .expect("tokio runtime");
     let mut report = Report::default();
     type Group = fn(&Opts, &mut Report, &tokio::runtime::Runtime);
-    let all: [(&str, Group); 6] = [
+    let all: [(&str, Group); GROUPS.len()] = [
         ("storage", storage::run),
         ("engine", engine::run),
         ("protocol", protocol::run),
@@ -55,6 +80,7 @@ fn main() {
         ("s3", s3::run),
         ("devicegroup", devicegroup::run),
     ];
+    debug_assert!(all.iter().map(|g| g.0).eq(GROUPS));
     for (name, f) in all {
         if want(name) {
             println!("== {name}");
