@@ -336,6 +336,12 @@ impl Provider for DirtyTrackerLocal {
     fn may_complete_now(&self) -> bool {
         self.s.fast
     }
+    fn adopt_size(&self) -> Option<usize> {
+        self.s.inner.adopt_size()
+    }
+    fn adopt_buffer(&self) -> BytesMut {
+        self.s.inner.adopt_buffer()
+    }
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
         self.s.write_now(offset, data)
     }

@@ -159,6 +159,29 @@ pub trait Provider: Send + Sync + 'static {
         Err(buf)
     }
 
+    /// The size of the writes this provider keeps without copying them:
+    /// a write of exactly this many bytes at an offset that is a multiple
+    /// of it, whose `data` is the only handle to an allocation of (about)
+    /// that capacity, becomes the device's own memory (a memory device's
+    /// chunk) instead of being copied into it. A sender that receives data
+    /// into buffers of its own choosing (the NBD server) can then receive
+    /// large writes into such buffers and save one copy of every byte.
+    /// Layers that pass writes through unchanged answer for the provider
+    /// they wrap. `None` (the default): writes are copied; any write is
+    /// still accepted either way, this is only a hint.
+    fn adopt_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// An empty buffer to receive one write of [`Provider::adopt_size`]
+    /// bytes into: memory the provider gave up when it adopted an earlier
+    /// buffer, if it kept some (its pages are already backed, so filling it
+    /// costs no page faults), else a new allocation of that capacity. The
+    /// default allocates.
+    fn adopt_buffer(&self) -> BytesMut {
+        BytesMut::with_capacity(self.adopt_size().unwrap_or(0))
+    }
+
     /// Waits for in-flight I/O, releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
 }
@@ -275,6 +298,12 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     }
     fn may_complete_now(&self) -> bool {
         (**self).may_complete_now()
+    }
+    fn adopt_size(&self) -> Option<usize> {
+        (**self).adopt_size()
+    }
+    fn adopt_buffer(&self) -> BytesMut {
+        (**self).adopt_buffer()
     }
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
         (**self).write_now(offset, data)

@@ -532,6 +532,12 @@ impl Provider for VolatilityMonitor {
     fn may_complete_now(&self) -> bool {
         self.fast
     }
+    fn adopt_size(&self) -> Option<usize> {
+        self.inner.adopt_size()
+    }
+    fn adopt_buffer(&self) -> BytesMut {
+        self.inner.adopt_buffer()
+    }
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
         if !self.fast {
             return Err(data);

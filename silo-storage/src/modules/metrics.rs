@@ -391,6 +391,12 @@ impl<P: Provider> Provider for Metrics<P> {
     fn may_complete_now(&self) -> bool {
         self.fast
     }
+    fn adopt_size(&self) -> Option<usize> {
+        self.inner.adopt_size()
+    }
+    fn adopt_buffer(&self) -> BytesMut {
+        self.inner.adopt_buffer()
+    }
 
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
         if !self.fast {

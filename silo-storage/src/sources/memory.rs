@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{check_range, Op, Result};
 use crate::provider::{Capabilities, Now, Provider};
@@ -19,11 +19,19 @@ pub const DEFAULT_CHUNK: usize = 64 * 1024;
 /// Spare capacity an adopted buffer may have beyond the chunk.
 const ADOPT_SLACK: usize = 4096;
 
+/// Most chunks displaced by adopted buffers kept for
+/// [`Provider::adopt_buffer`] (memory held beyond the device's data is at
+/// most this many chunks).
+const SPARE_MAX: usize = 64;
+
 /// A memory-backed provider with per-chunk locks and lazy allocation.
 pub struct MemoryStorage {
     size: u64,
     chunk: usize,
     chunks: Vec<RwLock<Option<BytesMut>>>,
+    /// Whole chunks displaced by adopted buffers, handed out again by
+    /// `adopt_buffer` (at most [`SPARE_MAX`]).
+    spare: Mutex<Vec<BytesMut>>,
 }
 
 impl std::fmt::Debug for MemoryStorage {
@@ -52,6 +60,7 @@ impl MemoryStorage {
             size,
             chunk,
             chunks,
+            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -97,7 +106,16 @@ impl MemoryStorage {
         if m.capacity() > m.len() + ADOPT_SLACK {
             return Err(m.freeze());
         }
-        *self.chunks[idx].write() = Some(m);
+        // The displaced chunk is kept for `adopt_buffer` (its pages are
+        // backed: the next buffer filled with it costs no page faults), or
+        // freed, after the chunk lock is released.
+        let old = self.chunks[idx].write().replace(m);
+        if let Some(old) = old.filter(|o| o.capacity() >= self.chunk) {
+            let mut spare = self.spare.lock();
+            if spare.len() < SPARE_MAX {
+                spare.push(old);
+            }
+        }
         Ok(())
     }
 
@@ -133,6 +151,20 @@ impl Provider for MemoryStorage {
 
     fn may_complete_now(&self) -> bool {
         true
+    }
+
+    fn adopt_size(&self) -> Option<usize> {
+        Some(self.chunk)
+    }
+
+    fn adopt_buffer(&self) -> BytesMut {
+        match self.spare.lock().pop() {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => BytesMut::with_capacity(self.chunk),
+        }
     }
 
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
@@ -282,6 +314,13 @@ mod tests {
     async fn sole_whole_chunk_buffers_are_adopted_without_copy() {
         let m = MemoryStorage::with_chunk_size(4 * 4096 + 100, 4096);
         let chunk_ptr = |i: usize| m.chunks[i].read().as_ref().map(|c| c.as_ptr());
+        // What a sender should build such buffers as, also through layers
+        // that pass writes through.
+        assert_eq!(m.adopt_size(), Some(4096));
+        let layered = crate::modules::Metrics::new(std::sync::Arc::new(
+            MemoryStorage::with_chunk_size(8192, 4096),
+        ));
+        assert_eq!(layered.adopt_size(), Some(4096));
         // Sole handle, exact size: adopted.
         let own = Bytes::from(vec![5u8; 4096]);
         let p = own.as_ptr();
