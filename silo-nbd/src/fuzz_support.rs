@@ -2,7 +2,7 @@
 //! and property tests: each drives a sans-IO parser with arbitrary bytes and
 //! checks its invariants (no panic, bounded buffering, consistent output).
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use crate::export::ExportInfo;
 use crate::handshake::{Handshake, MAX_OPTION_LEN};
@@ -40,18 +40,36 @@ pub fn handshake(data: &[u8]) {
 /// Feeds `data` as a transmission-phase byte stream to a request decoder
 /// and validates every request. Panics if an invariant breaks.
 pub fn requests(data: &[u8]) {
-    for (structured, info) in [(true, &exports()[0]), (false, &exports()[1])] {
-        let mut d = RequestDecoder::new(info);
+    let ex = exports();
+    // (structured, export, write piece size): the last run collects aligned
+    // writes in 4 KiB pieces, feeding them straight into the pieces.
+    for (structured, info, piece) in [(true, &ex[0], 0), (false, &ex[1], 0), (true, &ex[0], 4096)] {
+        let mut d = RequestDecoder::new(info)
+            .with_write_pieces(piece, Box::new(move || BytesMut::with_capacity(piece)));
         let mut buf = BytesMut::new();
         let mut rest = data;
         'outer: while !rest.is_empty() {
             let n = 97.min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+            match d.payload_room() {
+                Some(mut room) => {
+                    let n = n.min(room.remaining_mut());
+                    room.put_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+                None => {
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+            }
             loop {
                 match d.decode(&mut buf) {
                     Ok(Some(req)) => {
                         let h = req.header;
+                        if let crate::transmission::Payload::Pieces(p) = &req.payload {
+                            // Whole pieces adding up to the announced length.
+                            assert!(p.iter().all(|p| p.len() == piece));
+                            assert_eq!(p.len() * piece, h.len as usize);
+                        }
                         if let Ok(cmd) = validate(req, info, structured, structured) {
                             // Anything accepted lies inside the export.
                             if !matches!(

@@ -53,6 +53,13 @@ pub struct ServerConfig {
     /// request: tens of µs. Costs at most this much CPU time per idle
     /// period, and only for quick clients. Zero turns it off.
     pub busy_poll: Duration,
+    /// Whether large WRITE payloads are received straight into buffers the
+    /// export's provider keeps as its memory, when it says it can
+    /// ([`silo_storage::Provider::adopt_size`], e.g. a `MemoryStorage`):
+    /// a write whose offset and length are multiples of that size is read
+    /// from the socket in pieces of that size and never copied in user
+    /// space. On by default.
+    pub adopt_writes: bool,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +69,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             busy_poll: Duration::from_micros(100),
+            adopt_writes: true,
         }
     }
 }
@@ -82,6 +90,12 @@ impl ServerConfig {
     /// Sets [`busy_poll`](Self::busy_poll) (zero: off).
     pub fn with_busy_poll(mut self, t: Duration) -> Self {
         self.busy_poll = t;
+        self
+    }
+
+    /// Sets [`adopt_writes`](Self::adopt_writes).
+    pub fn with_adopt_writes(mut self, on: bool) -> Self {
+        self.adopt_writes = on;
         self
     }
 
@@ -549,6 +563,11 @@ struct OutQueue {
 /// before it stops reading (one request is always let through).
 const MAX_HELD: usize = 8 << 20;
 
+/// Largest piece a write payload is received in (see
+/// [`ServerConfig::adopt_writes`]); a provider adopting larger buffers gets
+/// its writes copied as usual.
+const MAX_PIECE: usize = 4 << 20;
+
 impl OutQueue {
     /// Replies handed to one `writev` at most (two slices each).
     const BATCH: usize = 64;
@@ -701,7 +720,16 @@ where
     let max_in_flight = inner.config.max_in_flight.max(1);
     let mut out = OutQueue::default();
     let mut pending: Waiting = FuturesUnordered::new();
-    let mut decoder = RequestDecoder::new(&export.info);
+    // Pieces a large write's payload is received in: what the provider
+    // adopts without a copy, if the server may and the size is sensible.
+    let piece = export
+        .provider
+        .adopt_size()
+        .filter(|p| inner.config.adopt_writes && (4096..=MAX_PIECE).contains(p))
+        .unwrap_or(0);
+    let provider = export.provider.clone();
+    let mut decoder = RequestDecoder::new(&export.info)
+        .with_write_pieces(piece, Box::new(move || provider.adopt_buffer()));
     // Set once shutdown starts: buffered requests are answered ESHUTDOWN,
     // nothing more is read, and the connection closes by then at the latest.
     let mut drain_by: Option<Instant> = None;
@@ -758,6 +786,7 @@ where
                     };
                     let held = match &cmd {
                         Command::Write { data, .. } => data.len(),
+                        Command::WritePieces { pieces, .. } => pieces.iter().map(Bytes::len).sum(),
                         _ => 0,
                     };
                     out.held += held;
@@ -808,8 +837,17 @@ where
             if buf.capacity() - buf.len() - rest < 64 * 1024 {
                 read_limit = rest + REQUEST_HEADER_LEN;
             }
+            if let Some(hint) = decoder.read_hint() {
+                read_limit = read_limit.min(hint.max(rest));
+            }
         }
-        let idle = can_read && pending.is_empty() && out.is_empty();
+        // (Not while large writes stream in: their payloads are read into
+        // pieces, and their client does not wait for each reply.)
+        let idle = can_read
+            && pending.is_empty()
+            && out.is_empty()
+            && !decoder.collecting()
+            && decoder.read_hint().is_none();
         if let Some(p) = poll.as_mut().filter(|_| idle) {
             let served = std::mem::take(&mut served);
             if p.wanted(served) && !inner.shutdown.is_cancelled() {
@@ -827,7 +865,12 @@ where
                 p.parking();
             }
         }
-        let mut limited = (&mut buf).limit(read_limit);
+        // A payload being collected in pieces is read straight into its
+        // piece (nothing is left in `buf` to decode meanwhile).
+        let mut limited = match decoder.payload_room() {
+            Some(room) => room,
+            None => (&mut buf).limit(read_limit),
+        };
         tokio::select! {
             biased;
             _ = &mut shutdown, if drain_by.is_none() => {
@@ -943,6 +986,27 @@ async fn execute(
                 match p.write_now(offset, data) {
                     Ok(r) => r?,
                     Err(data) => p.write_at(offset, data).await?,
+                }
+                if fua {
+                    p.flush().await?;
+                }
+                m.writes.fetch_add(1, Ordering::Relaxed);
+                m.bytes_written.fetch_add(len, Ordering::Relaxed);
+                Ok(ok())
+            }
+            Command::WritePieces {
+                offset,
+                pieces,
+                fua,
+            } => {
+                let mut len = 0u64;
+                for piece in pieces {
+                    let n = piece.len() as u64;
+                    match p.write_now(offset + len, piece) {
+                        Ok(r) => r?,
+                        Err(piece) => p.write_at(offset + len, piece).await?,
+                    }
+                    len += n;
                 }
                 if fua {
                     p.flush().await?;

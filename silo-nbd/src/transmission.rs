@@ -6,7 +6,12 @@
 //! copy (`Bytes`); its length is checked against the maximum payload before
 //! anything is buffered, and the payload of a write that will be refused
 //! (past the end, read-only export) is discarded as it arrives instead of
-//! being buffered. [`validate`] turns a request into a [`Command`] or the
+//! being buffered. With [`RequestDecoder::with_write_pieces`], a large
+//! aligned WRITE payload is instead collected into separate buffers of one
+//! piece each, which the caller reads the socket straight into
+//! ([`RequestDecoder::payload_room`]): a provider that adopts such buffers
+//! as its memory ([`silo_storage::Provider::adopt_size`]) then stores the
+//! payload without a single copy in user space. [`validate`] turns a request into a [`Command`] or the
 //! [`Errno`] to answer with; the reply encoders build headers into a small
 //! inline buffer so a reply is `header + Bytes` written with one vectored
 //! write.
@@ -51,6 +56,10 @@ pub enum Payload {
     None,
     /// A WRITE payload, split from the read buffer without copying.
     Data(Bytes),
+    /// A WRITE payload collected in pieces (see
+    /// [`RequestDecoder::with_write_pieces`]): consecutive, each the only
+    /// handle to its allocation.
+    Pieces(Vec<Bytes>),
     /// A WRITE payload that will be refused; it is skipped, not buffered.
     Discarded,
 }
@@ -81,13 +90,83 @@ pub enum ProtocolError {
     },
 }
 
+/// Makes the empty buffers write payloads are collected in (capacity at
+/// least the piece size).
+pub type PieceAlloc = Box<dyn FnMut() -> BytesMut + Send>;
+
 /// Decodes requests from a byte stream (see the module docs).
-#[derive(Debug, Clone)]
 pub struct RequestDecoder {
     size: u64,
     max_payload: u32,
     read_only: bool,
     discard: u64,
+    /// Size of the pieces large writes are collected in (0: never).
+    piece: usize,
+    /// The write whose payload is being collected in pieces.
+    collecting: Option<Collecting>,
+    /// Whether the last request decoded was collected in pieces.
+    last_in_pieces: bool,
+    /// Where piece buffers come from.
+    alloc: Option<PieceAlloc>,
+}
+
+impl std::fmt::Debug for RequestDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestDecoder")
+            .field("size", &self.size)
+            .field("max_payload", &self.max_payload)
+            .field("read_only", &self.read_only)
+            .field("discard", &self.discard)
+            .field("piece", &self.piece)
+            .field("collecting", &self.collecting)
+            .finish()
+    }
+}
+
+/// A WRITE whose payload arrives piece by piece.
+#[derive(Debug)]
+struct Collecting {
+    header: RequestHeader,
+    /// Completed pieces.
+    pieces: Vec<Bytes>,
+    /// The piece being filled.
+    cur: BytesMut,
+    /// Bytes `cur` is to hold (one piece).
+    want: usize,
+    /// Payload bytes not yet assigned to `pieces` or `cur`.
+    left: usize,
+}
+
+impl Collecting {
+    fn new(header: RequestHeader, piece: usize, alloc: &mut PieceAlloc) -> Collecting {
+        let len = header.len as usize;
+        Collecting {
+            header,
+            pieces: Vec::with_capacity(len / piece),
+            cur: alloc(),
+            want: piece,
+            left: len - piece,
+        }
+    }
+
+    /// Room left in the piece being filled.
+    fn room(&self) -> usize {
+        self.want - self.cur.len()
+    }
+
+    /// Moves a full piece into `pieces` and starts the next one; returns
+    /// whether the payload is complete.
+    fn settle(&mut self, alloc: &mut PieceAlloc) -> bool {
+        if self.want > 0 && self.room() == 0 {
+            self.pieces.push(std::mem::take(&mut self.cur).freeze());
+            self.want = self.left.min(self.want);
+            self.left -= self.want;
+            if self.want > 0 {
+                self.cur = alloc();
+            }
+        }
+        self.want == 0
+    }
 }
 
 impl RequestDecoder {
@@ -98,13 +177,75 @@ impl RequestDecoder {
             max_payload: export.max_payload,
             read_only: export.read_only(),
             discard: 0,
+            piece: 0,
+            collecting: None,
+            last_in_pieces: false,
+            alloc: None,
+        }
+    }
+
+    /// Collects the payload of every WRITE that covers whole pieces of
+    /// `piece` bytes (offset and length multiples of it) into separate
+    /// buffers of one piece each, made by `alloc` (empty, capacity at least
+    /// `piece`), unless the payload is already buffered whole. `piece` 0
+    /// turns it off.
+    pub fn with_write_pieces(mut self, piece: usize, alloc: PieceAlloc) -> RequestDecoder {
+        self.piece = piece;
+        self.alloc = (piece > 0).then_some(alloc);
+        self
+    }
+
+    /// Whether a WRITE payload is being collected in pieces.
+    pub fn collecting(&self) -> bool {
+        self.collecting.is_some()
+    }
+
+    /// While a WRITE payload is being collected in pieces: the buffer the
+    /// next payload bytes go into (read straight into it, at most its
+    /// limit), instead of the read buffer. The read buffer holds nothing
+    /// more to decode meanwhile. `None` otherwise.
+    pub fn payload_room(&mut self) -> Option<bytes::buf::Limit<&mut BytesMut>> {
+        let c = self.collecting.as_mut()?;
+        let room = c.room();
+        Some((&mut c.cur).limit(room))
+    }
+
+    /// How many bytes to read into the read buffer at most next, if fewer
+    /// than it has room for: after a write collected in pieces, only the
+    /// next header (the next request is likely another large write, whose
+    /// payload should go into pieces, not the read buffer).
+    pub fn read_hint(&self) -> Option<usize> {
+        self.last_in_pieces.then_some(REQUEST_HEADER_LEN)
+    }
+
+    /// Continues a payload being collected with the bytes in `buf`.
+    fn collect(&mut self, buf: &mut BytesMut) -> Option<Request> {
+        let c = self.collecting.as_mut()?;
+        let alloc = self.alloc.as_mut()?;
+        loop {
+            let n = c.room().min(buf.len());
+            if n > 0 {
+                c.cur.extend_from_slice(&buf[..n]);
+                buf.advance(n);
+            }
+            if c.settle(alloc) {
+                let c = self.collecting.take().expect("collecting");
+                self.last_in_pieces = true;
+                return Some(Request {
+                    header: c.header,
+                    payload: Payload::Pieces(c.pieces),
+                });
+            }
+            if buf.is_empty() {
+                return None;
+            }
         }
     }
 
     /// How many bytes the buffer should hold before the next call can make
     /// progress (a hint for sizing reads; never more than header + max payload).
     pub fn wanted(&self, buf: &[u8]) -> usize {
-        if self.discard > 0 {
+        if self.discard > 0 || self.collecting.is_some() {
             return 1;
         }
         if buf.len() >= REQUEST_HEADER_LEN && u16::from_be_bytes([buf[6], buf[7]]) == CMD_WRITE {
@@ -116,6 +257,9 @@ impl RequestDecoder {
 
     /// Takes the next complete request off the front of `buf`, if there is one.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, ProtocolError> {
+        if self.collecting.is_some() {
+            return Ok(self.collect(buf));
+        }
         if self.discard > 0 {
             let n = self.discard.min(buf.len() as u64);
             buf.advance(n as usize);
@@ -140,6 +284,7 @@ impl RequestDecoder {
             len: h.get_u32(),
         };
         if header.kind != CMD_WRITE {
+            self.last_in_pieces = false;
             buf.advance(REQUEST_HEADER_LEN);
             return Ok(Some(Request {
                 header,
@@ -168,6 +313,19 @@ impl RequestDecoder {
             }));
         }
         let total = REQUEST_HEADER_LEN + header.len as usize;
+        let piece = self.piece as u64;
+        let in_pieces = piece > 0
+            && self.alloc.is_some()
+            && header.len > 0
+            && header.offset % piece == 0
+            && u64::from(header.len) % piece == 0;
+        self.last_in_pieces = in_pieces;
+        if in_pieces && buf.len() < total {
+            buf.advance(REQUEST_HEADER_LEN);
+            let alloc = self.alloc.as_mut().expect("checked above");
+            self.collecting = Some(Collecting::new(header, self.piece, alloc));
+            return Ok(self.collect(buf));
+        }
         if buf.len() < total {
             // The caller makes room for the rest ([`Self::wanted`]).
             return Ok(None);
@@ -197,6 +355,16 @@ pub enum Command {
         offset: u64,
         /// Payload.
         data: Bytes,
+        /// Flush before replying.
+        fua: bool,
+    },
+    /// Write `pieces`, one after the other, from `offset` (a payload the
+    /// decoder collected in pieces).
+    WritePieces {
+        /// Offset.
+        offset: u64,
+        /// Payload, in order.
+        pieces: Vec<Bytes>,
         /// Flush before replying.
         fua: bool,
     },
@@ -249,7 +417,10 @@ impl Command {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
+            Command::Write { .. }
+                | Command::WritePieces { .. }
+                | Command::Trim { .. }
+                | Command::WriteZeroes { .. }
         )
     }
 }
@@ -310,6 +481,11 @@ pub fn validate(
                 Payload::Data(data) => Ok(Command::Write {
                     offset: h.offset,
                     data,
+                    fua,
+                }),
+                Payload::Pieces(pieces) => Ok(Command::WritePieces {
+                    offset: h.offset,
+                    pieces,
                     fua,
                 }),
                 // The decoder only discards writes that fail the checks above.
@@ -583,6 +759,105 @@ mod tests {
         }
         buf.extend_from_slice(&req(CMD_FLUSH, 0, 0, 0));
         assert_eq!(d.decode(&mut buf).unwrap().unwrap().header.kind, CMD_FLUSH);
+    }
+
+    fn pieces_decoder(info: &ExportInfo, piece: usize) -> RequestDecoder {
+        RequestDecoder::new(info)
+            .with_write_pieces(piece, Box::new(move || BytesMut::with_capacity(piece)))
+    }
+
+    #[test]
+    fn aligned_writes_are_collected_in_pieces_read_straight_into() {
+        let info = ExportInfo::simple("d", 1 << 20);
+        let mut d = pieces_decoder(&info, 4096);
+        let payload: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        let mut buf = req(CMD_WRITE, CMD_FLAG_FUA, 8192, 3 * 4096);
+        buf.extend_from_slice(&payload[..1000]);
+        assert_eq!(d.read_hint(), None);
+        // The buffered part is taken; the rest goes into the piece itself.
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        assert!(buf.is_empty() && d.collecting());
+        let mut at = 1000;
+        while d.collecting() {
+            let mut room = d.payload_room().expect("collecting");
+            let n = room.remaining_mut().min(1500);
+            room.put_slice(&payload[at..at + n]);
+            at += n;
+            if let Some(r) = d.decode(&mut buf).unwrap() {
+                assert_eq!(at, payload.len());
+                let Payload::Pieces(pieces) = &r.payload else {
+                    panic!("not in pieces: {:?}", r.payload);
+                };
+                assert_eq!(pieces.len(), 3);
+                assert_eq!(pieces.concat(), payload);
+                let cmd = validate(r, &info, false, false).unwrap();
+                let Command::WritePieces {
+                    offset,
+                    pieces,
+                    fua,
+                } = cmd
+                else {
+                    panic!("{cmd:?}");
+                };
+                assert_eq!((offset, fua), (8192, true));
+                for p in pieces {
+                    // Each piece is its own allocation, ready to be adopted.
+                    let m = p.try_into_mut().expect("sole handle");
+                    assert_eq!(m.capacity(), 4096);
+                }
+                break;
+            }
+            assert!(at < payload.len(), "complete payload not returned");
+        }
+        assert!(!d.collecting());
+        // After such a write, read only the next header into the buffer.
+        assert_eq!(d.read_hint(), Some(REQUEST_HEADER_LEN));
+        // An unaligned write, then a payload already buffered whole, are
+        // plain `Data`; other commands still decode.
+        let mut buf = req(CMD_WRITE, 0, 100, 4096);
+        buf.extend_from_slice(&[1u8; 4096]);
+        buf.extend_from_slice(&req(CMD_WRITE, 0, 0, 4096)[..]);
+        buf.extend_from_slice(&[2u8; 4096]);
+        buf.extend_from_slice(&req(CMD_FLUSH, 0, 0, 0)[..]);
+        let r = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(r.payload, Payload::Data(Bytes::from(vec![1u8; 4096])));
+        assert_eq!(d.read_hint(), None);
+        let r = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(r.payload, Payload::Data(Bytes::from(vec![2u8; 4096])));
+        let r = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(r.header.kind, CMD_FLUSH);
+        assert_eq!(d.read_hint(), None);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn payload_bytes_in_the_buffer_continue_a_collection_in_order() {
+        // Bytes that land in the read buffer mid-collection (a poll read)
+        // are appended in order, and what follows the payload stays.
+        let info = ExportInfo::simple("d", 1 << 20);
+        let mut d = pieces_decoder(&info, 512);
+        let payload: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 256) as u8).collect();
+        let mut buf = req(CMD_WRITE, 0, 0, 2048);
+        buf.extend_from_slice(&payload[..10]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        d.payload_room().unwrap().put_slice(&payload[10..300]);
+        buf.extend_from_slice(&payload[300..]);
+        buf.extend_from_slice(&req(CMD_READ, 0, 0, 512)[..]);
+        let r = d.decode(&mut buf).unwrap().unwrap();
+        let Payload::Pieces(p) = r.payload else {
+            panic!("not in pieces")
+        };
+        assert_eq!(p.len(), 4);
+        assert_eq!(p.concat(), payload);
+        assert_eq!(d.decode(&mut buf).unwrap().unwrap().header.kind, CMD_READ);
+        // Refused writes are still discarded, never collected.
+        let ro = ExportInfo::simple("d", 4096);
+        let mut d = pieces_decoder(&ro, 512);
+        let mut buf = req(CMD_WRITE, 0, 4096, 1024);
+        buf.extend_from_slice(&[0u8; 100]);
+        let r = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(r.payload, Payload::Discarded);
+        assert!(!d.collecting());
     }
 
     #[test]
