@@ -568,6 +568,14 @@ const MAX_HELD: usize = 8 << 20;
 /// its writes copied as usual.
 const MAX_PIECE: usize = 4 << 20;
 
+/// What a connection's socket did: see `transmission`'s main loop.
+enum Io {
+    /// A read of request bytes finished.
+    Read(std::io::Result<usize>),
+    /// Queued replies were (partly) written.
+    Wrote(std::io::Result<()>),
+}
+
 impl OutQueue {
     /// Replies handed to one `writev` at most (two slices each).
     const BATCH: usize = 64;
@@ -865,12 +873,38 @@ where
                 p.parking();
             }
         }
+        // While large writes stream in, reading goes before writing
+        // replies: replies then leave in batches (one `writev` for many)
+        // whenever the socket has nothing more, instead of one per write.
+        let streaming = decoder.collecting() || decoder.read_hint().is_some();
         // A payload being collected in pieces is read straight into its
         // piece (nothing is left in `buf` to decode meanwhile).
         let mut limited = match decoder.payload_room() {
             Some(room) => room,
             None => (&mut buf).limit(read_limit),
         };
+        let mut read = std::pin::pin!(r.read_buf(&mut limited));
+        let has_out = !out.is_empty();
+        // Reading and writing replies, in one future so their order can
+        // change (`select!`'s order is fixed).
+        let io = std::future::poll_fn(|cx| {
+            if streaming && can_read {
+                if let Poll::Ready(n) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Io::Read(n));
+                }
+            }
+            if has_out {
+                if let Poll::Ready(res) = out.poll_write(&mut w, cx) {
+                    return Poll::Ready(Io::Wrote(res));
+                }
+            }
+            if !streaming && can_read {
+                if let Poll::Ready(n) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Io::Read(n));
+                }
+            }
+            Poll::Pending
+        });
         tokio::select! {
             biased;
             _ = &mut shutdown, if drain_by.is_none() => {
@@ -878,25 +912,24 @@ where
                 drain_by = Some(Instant::now() + inner.config.drain_timeout);
             }
             Some(o) = pending.next(), if !pending.is_empty() => out.push(o),
-            res = std::future::poll_fn(|cx| out.poll_write(&mut w, cx)), if !out.is_empty() => {
-                if let Err(e) = res {
+            ev = io, if has_out || can_read => match ev {
+                Io::Wrote(Err(e)) => {
                     debug!(error = %e, "reply write failed");
                     write_failed = true;
                 }
-            }
-            n = r.read_buf(&mut limited), if can_read => match n {
-                Ok(0) => {
+                Io::Wrote(Ok(())) => {}
+                Io::Read(Ok(0)) => {
                     if !buf.is_empty() {
                         debug!(left = buf.len(), "client disconnected mid-request");
                     }
                     break Ok(());
                 }
-                Ok(_) => {
+                Io::Read(Ok(_)) => {
                     if let Some(p) = poll.as_mut() {
                         p.read();
                     }
                 }
-                Err(e) => break Err(Error::Io { context: "read request", source: e }),
+                Io::Read(Err(e)) => break Err(Error::Io { context: "read request", source: e }),
             },
             _ = tokio::time::sleep_until(drain_by.unwrap_or(never)), if drain_by.is_some() => break Ok(()),
         }
