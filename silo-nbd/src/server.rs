@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::RwLock;
 use silo_storage::provider::write_zeroes_by_writing;
+use silo_storage::NotShared;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
@@ -522,6 +523,9 @@ impl RecvBuffers {
 struct Outgoing {
     head: ReplyHead,
     data: Option<Bytes>,
+    /// Payload pieces after `data`: a read answered with the provider's
+    /// own memory ([`Provider::read_shared`](silo_storage::Provider::read_shared)) sends them as they are.
+    more: Vec<Bytes>,
     /// Write payload bytes the request held until it finished (see
     /// [`OutQueue::held`]).
     held: usize,
@@ -532,12 +536,20 @@ impl Outgoing {
         Outgoing {
             head,
             data: None,
+            more: Vec::new(),
             held: 0,
         }
     }
 
     fn len(&self) -> usize {
-        self.head.as_slice().len() + self.data.as_ref().map_or(0, Bytes::len)
+        self.parts().map(<[u8]>::len).sum()
+    }
+
+    /// What goes on the wire, in order (some parts may be empty).
+    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.head.as_slice())
+            .chain(self.data.as_deref())
+            .chain(self.more.iter().map(|b| &b[..]))
     }
 }
 
@@ -577,8 +589,11 @@ enum Io {
 }
 
 impl OutQueue {
-    /// Replies handed to one `writev` at most (two slices each).
+    /// Replies handed to one `writev` at most.
     const BATCH: usize = 64;
+    /// Slices handed to one `writev` at most (a reply has a header and one
+    /// payload, or a header and the pieces of a shared read).
+    const SLICES: usize = 256;
 
     fn push(&mut self, o: Outgoing) {
         self.bytes += o.len();
@@ -611,21 +626,21 @@ impl OutQueue {
     ) -> Poll<std::io::Result<()>> {
         while !self.queue.is_empty() {
             let n = {
-                let mut slices: [IoSlice<'_>; 2 * Self::BATCH] =
-                    [IoSlice::new(&[]); 2 * Self::BATCH];
+                let mut slices: [IoSlice<'_>; Self::SLICES] = [IoSlice::new(&[]); Self::SLICES];
                 let mut k = 0;
                 let mut skip = self.front_done;
-                for o in self.queue.iter().take(Self::BATCH) {
-                    for part in [o.head.as_slice(), o.data.as_deref().unwrap_or(&[])] {
-                        let part = if skip >= part.len() {
+                'fill: for o in self.queue.iter().take(Self::BATCH) {
+                    for part in o.parts() {
+                        // Written already, or empty.
+                        if skip >= part.len() {
                             skip -= part.len();
                             continue;
-                        } else {
-                            let p = &part[skip..];
-                            skip = 0;
-                            p
-                        };
-                        slices[k] = IoSlice::new(part);
+                        }
+                        if k == Self::SLICES {
+                            break 'fill;
+                        }
+                        slices[k] = IoSlice::new(&part[skip..]);
+                        skip = 0;
                         k += 1;
                     }
                 }
@@ -787,7 +802,14 @@ where
                     debug!(kind, cookie, %errno, "request refused");
                     out.push(Outgoing::head(error_reply(cookie, kind, structured, errno)));
                 }
-                Ok(cmd) => {
+                Ok(cmd) => 'run: {
+                    if let Command::Read { offset, len } = cmd {
+                        if let Some(o) = read_shared(&export, offset, len, cookie, kind, structured)
+                        {
+                            out.push(o);
+                            break 'run;
+                        }
+                    }
                     let read_buf = match &cmd {
                         Command::Read { len, .. } => Some(out.pool.get(*len as usize)),
                         _ => None,
@@ -1001,16 +1023,10 @@ async fn execute(
                 };
                 m.reads.fetch_add(1, Ordering::Relaxed);
                 m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
-                let head = if !structured {
-                    simple_reply(cookie, None)
-                } else if len == 0 {
-                    structured_done(cookie)
-                } else {
-                    read_data_header(cookie, offset, len)
-                };
                 Ok(Outgoing {
-                    head,
+                    head: read_head(cookie, offset, len, structured),
                     data: Some(buf.freeze()),
+                    more: Vec::new(),
                     held: 0,
                 })
             }
@@ -1118,6 +1134,7 @@ async fn execute(
                 Ok(Outgoing {
                     head: ReplyHead::default(),
                     data: Some(out.freeze()),
+                    more: Vec::new(),
                     held: 0,
                 })
             }
@@ -1127,17 +1144,66 @@ async fn execute(
     .await;
     match res {
         Ok(out) => out,
-        Err(e) => {
-            m.errors.fetch_add(1, Ordering::Relaxed);
-            let errno = Errno::from_storage(&e, write);
-            if errno == Errno::Io {
-                warn!(error = %e, %errno, "provider I/O error");
-            } else {
-                debug!(error = %e, %errno, "request failed");
-            }
-            Outgoing::head(error_reply(cookie, kind, structured, errno))
-        }
+        Err(e) => failed(export, &e, write, cookie, kind, structured),
     }
+}
+
+/// The error reply to a request the provider failed, counted and logged.
+fn failed(
+    export: &Export,
+    e: &silo_storage::Error,
+    write: bool,
+    cookie: u64,
+    kind: u16,
+    structured: bool,
+) -> Outgoing {
+    export.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    let errno = Errno::from_storage(e, write);
+    if errno == Errno::Io {
+        warn!(error = %e, %errno, "provider I/O error");
+    } else {
+        debug!(error = %e, %errno, "request failed");
+    }
+    Outgoing::head(error_reply(cookie, kind, structured, errno))
+}
+
+/// The header of a successful read's reply.
+fn read_head(cookie: u64, offset: u64, len: u32, structured: bool) -> ReplyHead {
+    if !structured {
+        simple_reply(cookie, None)
+    } else if len == 0 {
+        structured_done(cookie)
+    } else {
+        read_data_header(cookie, offset, len)
+    }
+}
+
+/// Answers a read with the provider's own memory if it lends it for that
+/// range (see [`Provider::read_shared`](silo_storage::Provider::read_shared)): the payload is then written to
+/// the socket from the device's memory, with no copy into a buffer of
+/// ours. `None`: read it the usual way.
+fn read_shared(
+    export: &Export,
+    offset: u64,
+    len: u32,
+    cookie: u64,
+    kind: u16,
+    structured: bool,
+) -> Option<Outgoing> {
+    let pieces = match export.provider.read_shared(offset, len as usize) {
+        Err(NotShared) => return None,
+        Ok(Err(e)) => return Some(failed(export, &e, false, cookie, kind, structured)),
+        Ok(Ok(pieces)) => pieces,
+    };
+    let m = &export.metrics;
+    m.reads.fetch_add(1, Ordering::Relaxed);
+    m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+    Some(Outgoing {
+        head: read_head(cookie, offset, len, structured),
+        data: None,
+        more: pieces,
+        held: 0,
+    })
 }
 
 /// A structured reply with no data (`NONE` chunk, `DONE`), for zero-length reads.
@@ -1230,6 +1296,7 @@ mod tests {
                 d
             });
             q.push(Outgoing {
+                more: Vec::new(),
                 head,
                 data,
                 held: 0,

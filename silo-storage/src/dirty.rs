@@ -58,7 +58,7 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, Now, Provider};
+use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, NotShared, Now, Provider};
 use crate::shard::Sharded;
 
 /// Something the migrator can take the dirty set from.
@@ -347,6 +347,9 @@ impl Provider for DirtyTrackerLocal {
     }
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
         (*self.s.inner).read_now(offset, buf)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
+        (*self.s.inner).read_shared(offset, len)
     }
     async fn flush(&self) -> Result<()> {
         (*self.s.inner).flush().await

@@ -182,9 +182,29 @@ pub trait Provider: Send + Sync + 'static {
         BytesMut::with_capacity(self.adopt_size().unwrap_or(0))
     }
 
+    /// Reads `[offset, offset + len)` without copying it, if this provider
+    /// can hand out its own memory for that range: `Ok(result)` with
+    /// pieces whose concatenation is the data, each a snapshot (a later
+    /// write to the range leaves the pieces as they were: the provider
+    /// copies what it writes to while a piece is held), or `Err(NotShared)` with
+    /// nothing done; then read with [`Provider::read_at`]. A sender that
+    /// puts reads on the wire (the NBD server) so saves one copy of every
+    /// byte. A memory device shares ranges of whole chunks; layers that pass
+    /// reads through unchanged answer for the provider they wrap. The
+    /// default never shares.
+    fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
+        let _ = (offset, len);
+        Err(NotShared)
+    }
+
     /// Waits for in-flight I/O, releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
 }
+
+/// [`Provider::read_shared`]'s answer when it cannot lend the range: read
+/// it with [`Provider::read_at`] instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotShared;
 
 /// What [`Provider::write_now`] and [`Provider::read_now`] return: `Ok`
 /// with the operation's result when it completed, `Err` with the buffer
@@ -310,5 +330,8 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     }
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
         (**self).read_now(offset, buf)
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
+        (**self).read_shared(offset, len)
     }
 }

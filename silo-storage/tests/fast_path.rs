@@ -43,6 +43,15 @@ async fn a_tracking_stack_over_memory_completes_at_once() {
     let s = top.snapshot();
     assert_eq!((s.write.ops, s.write.bytes, s.write.timed), (1, 100, 1));
     assert_eq!((s.read.ops, s.read.bytes, s.read.in_flight), (1, 100, 0));
+    // Whole chunks are lent through every layer, and counted.
+    let pieces = top.read_shared(0, SIZE as usize).unwrap().unwrap();
+    let all: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(&all[4096 + 10..4096 + 110], &[9; 100]);
+    assert_eq!(all.len() as u64, SIZE);
+    let s = top.snapshot();
+    assert_eq!((s.read.ops, s.read.bytes), (2, 100 + SIZE));
+    // Reading through the local side tracks nothing new.
+    assert!(remote.take_dirty().is_empty());
 
     // Out of range: completes, with the same error as the async path.
     let r = top.write_now(SIZE - 10, Bytes::from_static(&[1; 20]));
@@ -67,6 +76,7 @@ async fn a_locked_gate_hands_the_buffer_back_and_counts_nothing() {
         other => panic!("a locked write completed: {other:?}"),
     }
     assert!(top.read_now(0, BytesMut::zeroed(10)).is_err());
+    assert!(top.read_shared(0, SIZE as usize).is_err());
     assert_eq!(top.snapshot().write.ops, 0);
     assert_eq!(
         mem.read_bytes(0, 10).await.unwrap(),
@@ -128,6 +138,8 @@ async fn reads_through_a_layer_over_the_remote_side_still_start_tracking() {
     let (local, remote) = dirty_tracker(mem, 4096).unwrap();
     let reader = Metrics::new(Arc::new(remote.clone()) as DynProvider);
     assert!(reader.read_now(0, BytesMut::zeroed(10)).is_err());
+    // Nor may it lend memory past the tracking.
+    assert!(reader.read_shared(0, SIZE as usize).is_err());
     reader
         .read_at(3 * 4096, BytesMut::zeroed(4096))
         .await

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use silo_storage::sources::{Engine, FileStorage, SparseFile};
-use silo_storage::{ErrorKind, MemoryStorage, Provider};
+use silo_storage::{ErrorKind, MemoryStorage, NotShared, Provider};
 
 /// Device size: not a multiple of 4096 (or of 512).
 const SIZE: u64 = 16 * 4096 + 1234;
@@ -21,6 +21,8 @@ const BS: u64 = 4096;
 #[derive(Debug, Clone)]
 enum Act {
     Read(u64, u64),
+    /// `read_shared`, keeping the pieces to the end if the flag is set.
+    Shared(u64, u64, bool),
     Write(u64, u64, u8),
     Flush,
     Trim(u64, u64),
@@ -49,6 +51,7 @@ fn length() -> impl Strategy<Value = u64> {
 fn act() -> impl Strategy<Value = Act> {
     prop_oneof![
         4 => (offset(), length()).prop_map(|(o, l)| Act::Read(o, l)),
+        2 => (offset(), length(), any::<bool>()).prop_map(|(o, l, k)| Act::Shared(o, l, k)),
         6 => (offset(), length(), any::<u8>()).prop_map(|(o, l, s)| Act::Write(o, l, s)),
         1 => Just(Act::Flush),
         2 => (offset(), length()).prop_map(|(o, l)| Act::Trim(o, l)),
@@ -143,6 +146,8 @@ async fn run(kind: Kind, acts: Vec<Act>) -> Result<(), TestCaseError> {
     let dut = make(kind);
     let p = &*dut.p;
     let mut model = vec![0u8; SIZE as usize];
+    // Pieces of shared reads still held, with what they read.
+    let mut held: Vec<(String, Vec<Bytes>, Vec<u8>)> = Vec::new();
     prop_assert_eq!(p.size(), SIZE);
     for (i, a) in acts.iter().enumerate() {
         let ctx = format!("{kind:?} step {i}: {a:?}");
@@ -155,6 +160,30 @@ async fn run(kind: Kind, acts: Vec<Act>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(&got[..], &model[o as usize..(o + l) as usize], "{}", ctx);
                 } else {
                     expect_oor(r, &ctx)?;
+                }
+            }
+            Act::Shared(o, l, keep) => {
+                let l = l.min(4 * SIZE);
+                let r = p.read_shared(o, l as usize);
+                if matches!(kind, Kind::Memory) {
+                    // Memory lends whole chunks (its short last one
+                    // included) and refuses out-of-range reads outright.
+                    let whole = l > 0 && o % 8192 == 0 && ((o + l) % 8192 == 0 || o + l == SIZE);
+                    prop_assert_eq!(r.is_err(), in_range(o, l) && !whole, "{}", ctx);
+                }
+                match r {
+                    // Not shared (files never lend): nothing to check.
+                    Err(NotShared) => {}
+                    Ok(r) if in_range(o, l) => {
+                        let pieces = r.map_err(|e| TestCaseError::fail(format!("{ctx}: {e}")))?;
+                        let got: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+                        let want = &model[o as usize..(o + l) as usize];
+                        prop_assert_eq!(&got[..], want, "{}", ctx);
+                        if keep {
+                            held.push((ctx, pieces, want.to_vec()));
+                        }
+                    }
+                    Ok(r) => expect_oor(r, &ctx)?,
                 }
             }
             Act::Write(o, l, s) => {
@@ -186,6 +215,11 @@ async fn run(kind: Kind, acts: Vec<Act>) -> Result<(), TestCaseError> {
                 }
             }
         }
+    }
+    // Later writes never changed what a shared read handed out.
+    for (ctx, pieces, want) in &held {
+        let got: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+        prop_assert!(&got == want, "{}: shared pieces changed later", ctx);
     }
     let got = whole(p).await;
     prop_assert!(

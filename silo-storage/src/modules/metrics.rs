@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::provider::{now_or, BoxFut, DynProvider, Now, Provider};
+use crate::provider::{now_or, BoxFut, DynProvider, NotShared, Now, Provider};
 use crate::shard::{shard, Counter, Padded, Shard, SLOTS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
@@ -406,6 +406,15 @@ impl<P: Provider> Provider for Metrics<P> {
         self.m
             .read
             .now(self.every, n, || self.inner.read_now(offset, buf))
+    }
+
+    fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
+        if !self.fast {
+            return Err(NotShared);
+        }
+        self.m.read.now(self.every, len as u64, || {
+            self.inner.read_shared(offset, len)
+        })
     }
 
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {

@@ -5,13 +5,18 @@
 //! A write of exactly one whole chunk whose `Bytes` is the only handle to an
 //! allocation of that size (a block received into its own buffer) becomes
 //! the chunk's memory as it is: no copy, no second allocation.
+//!
+//! A read of whole chunks can be answered with the chunks themselves
+//! ([`Provider::read_shared`]): the chunk is then lent out, and a write to
+//! a lent chunk that is still held elsewhere copies it first
+//! (copy-on-write), so what was lent never changes.
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{check_range, Op, Result};
-use crate::provider::{Capabilities, Now, Provider};
+use crate::provider::{Capabilities, NotShared, Now, Provider};
 
 /// Default chunk size: 64 KiB.
 pub const DEFAULT_CHUNK: usize = 64 * 1024;
@@ -28,10 +33,53 @@ const SPARE_MAX: usize = 64;
 pub struct MemoryStorage {
     size: u64,
     chunk: usize,
-    chunks: Vec<RwLock<Option<BytesMut>>>,
+    chunks: Vec<RwLock<Option<Chunk>>>,
     /// Whole chunks displaced by adopted buffers, handed out again by
     /// `adopt_buffer` (at most [`SPARE_MAX`]).
     spare: Mutex<Vec<BytesMut>>,
+    /// One chunk of zeroes, lent for chunks never written.
+    zeroes: Bytes,
+}
+
+/// One allocated chunk's memory.
+enum Chunk {
+    /// Only the device holds it: written in place.
+    Own(BytesMut),
+    /// Lent out by `read_shared` (possibly still held by a reader).
+    Lent(Bytes),
+}
+
+impl Chunk {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Own(m) => m,
+            Chunk::Lent(b) => b,
+        }
+    }
+
+    /// The chunk's memory to write to: in place if nobody else holds it,
+    /// else a copy (the holder keeps the old contents).
+    fn make_mut(&mut self) -> &mut BytesMut {
+        if let Chunk::Lent(b) = self {
+            let b = std::mem::take(b);
+            *self = Chunk::Own(match b.try_into_mut() {
+                Ok(m) => m,
+                Err(b) => BytesMut::from(&b[..]),
+            });
+        }
+        match self {
+            Chunk::Own(m) => m,
+            Chunk::Lent(_) => unreachable!("made owned above"),
+        }
+    }
+
+    /// The chunk's memory, if nobody else holds it (for reuse).
+    fn into_owned(self) -> Option<BytesMut> {
+        match self {
+            Chunk::Own(m) => Some(m),
+            Chunk::Lent(b) => b.try_into_mut().ok(),
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryStorage {
@@ -61,6 +109,7 @@ impl MemoryStorage {
             chunk,
             chunks,
             spare: Mutex::new(Vec::new()),
+            zeroes: Bytes::from(vec![0u8; chunk]),
         }
     }
 
@@ -109,7 +158,8 @@ impl MemoryStorage {
         // The displaced chunk is kept for `adopt_buffer` (its pages are
         // backed: the next buffer filled with it costs no page faults), or
         // freed, after the chunk lock is released.
-        let old = self.chunks[idx].write().replace(m);
+        let old = self.chunks[idx].write().replace(Chunk::Own(m));
+        let old = old.and_then(Chunk::into_owned);
         if let Some(old) = old.filter(|o| o.capacity() >= self.chunk) {
             let mut spare = self.spare.lock();
             if spare.len() < SPARE_MAX {
@@ -125,7 +175,7 @@ impl MemoryStorage {
             if at == 0 && r.len() == self.chunk_len(idx) {
                 *guard = None;
             } else if let Some(data) = guard.as_mut() {
-                data[at..at + r.len()].fill(0);
+                data.make_mut()[at..at + r.len()].fill(0);
             }
         });
     }
@@ -175,6 +225,27 @@ impl Provider for MemoryStorage {
         Ok(self.read_sync(offset, buf))
     }
 
+    fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
+        if let Err(e) = check_range(Op::Read, offset, len as u64, self.size) {
+            return Ok(Err(e));
+        }
+        let chunk = self.chunk as u64;
+        let end = offset + len as u64;
+        // Whole chunks only (the device's short last chunk counts as
+        // whole): lending a chunk for a small read would make the next
+        // write to it copy far more than the read saved.
+        if len == 0 || offset % chunk != 0 || (end % chunk != 0 && end != self.size) {
+            return Err(NotShared);
+        }
+        let first = (offset / chunk) as usize;
+        let last = end.div_ceil(chunk) as usize;
+        let mut pieces = Vec::with_capacity(last - first);
+        for idx in first..last {
+            pieces.push(self.lend(idx));
+        }
+        Ok(Ok(pieces))
+    }
+
     async fn flush(&self) -> Result<()> {
         Ok(())
     }
@@ -205,11 +276,36 @@ impl MemoryStorage {
         self.for_each_chunk(offset, len, |idx, at, r| {
             let guard = self.chunks[idx].read();
             match guard.as_ref() {
-                Some(data) => buf[r.clone()].copy_from_slice(&data[at..at + r.len()]),
+                Some(data) => buf[r.clone()].copy_from_slice(&data.as_slice()[at..at + r.len()]),
                 None => buf[r].fill(0),
             }
         });
         Ok(buf)
+    }
+
+    /// Chunk `idx` as shared bytes: lent (from now on copied before it is
+    /// written while the reader holds it), or zeroes if never written.
+    fn lend(&self, idx: usize) -> Bytes {
+        let len = self.chunk_len(idx);
+        match self.chunks[idx].read().as_ref() {
+            None => return self.zeroes.slice(..len),
+            Some(Chunk::Lent(b)) => return b.clone(),
+            Some(Chunk::Own(_)) => {}
+        }
+        let mut guard = self.chunks[idx].write();
+        match guard.take() {
+            // Trimmed meanwhile.
+            None => self.zeroes.slice(..len),
+            Some(Chunk::Lent(b)) => {
+                *guard = Some(Chunk::Lent(b.clone()));
+                b
+            }
+            Some(Chunk::Own(m)) => {
+                let b = m.freeze();
+                *guard = Some(Chunk::Lent(b.clone()));
+                b
+            }
+        }
     }
 
     fn write_sync(&self, offset: u64, data: Bytes) -> Result<()> {
@@ -231,15 +327,15 @@ impl MemoryStorage {
             }
             let chunk_len = self.chunk_len(idx);
             match guard.as_mut() {
-                Some(slot) => slot[at..at + r.len()].copy_from_slice(src),
+                Some(slot) => slot.make_mut()[at..at + r.len()].copy_from_slice(src),
                 // A write covering a whole new chunk becomes its memory in
                 // one pass (allocate + copy): zero-filling it first would
                 // write every byte twice (bulk copies into a fresh device).
-                None if src.len() == chunk_len => *guard = Some(BytesMut::from(src)),
+                None if src.len() == chunk_len => *guard = Some(Chunk::Own(BytesMut::from(src))),
                 None => {
                     let mut slot = BytesMut::zeroed(chunk_len);
                     slot[at..at + r.len()].copy_from_slice(src);
-                    *guard = Some(slot);
+                    *guard = Some(Chunk::Own(slot));
                 }
             }
         });
@@ -313,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn sole_whole_chunk_buffers_are_adopted_without_copy() {
         let m = MemoryStorage::with_chunk_size(4 * 4096 + 100, 4096);
-        let chunk_ptr = |i: usize| m.chunks[i].read().as_ref().map(|c| c.as_ptr());
+        let chunk_ptr = |i: usize| m.chunks[i].read().as_ref().map(|c| c.as_slice().as_ptr());
         // What a sender should build such buffers as, also through layers
         // that pass writes through.
         assert_eq!(m.adopt_size(), Some(4096));
@@ -358,5 +454,48 @@ mod tests {
         assert!(all[3 * 4096..4 * 4096].iter().all(|&b| b == 7));
         assert!(all[4 * 4096..].iter().all(|&b| b == 9));
         assert_eq!(&shared[..], &[8u8; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn shared_reads_lend_whole_chunks_and_writes_copy_them() {
+        let m = MemoryStorage::with_chunk_size(3 * 4096 + 100, 4096);
+        let chunk_ptr = |i: usize| m.chunks[i].read().as_ref().map(|c| c.as_slice().as_ptr());
+        m.write_slice(0, &[1u8; 4096]).await.unwrap();
+        m.write_slice(3 * 4096, &[4u8; 100]).await.unwrap();
+        // Not whole chunks: not shared.
+        assert!(m.read_shared(10, 4096).is_err());
+        assert!(m.read_shared(0, 100).is_err());
+        assert!(m.read_shared(0, 0).is_err());
+        // Out of range: an error, not a fallback.
+        assert!(matches!(m.read_shared(4096, 4 * 4096), Ok(Err(_))));
+        // Whole chunks: the device's own memory, zeroes for the unwritten
+        // one, the short last chunk whole.
+        let p0 = chunk_ptr(0);
+        let pieces = m.read_shared(0, 3 * 4096 + 100).unwrap().unwrap();
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(Some(pieces[0].as_ptr()), p0);
+        assert_eq!(&pieces[0][..], &[1u8; 4096][..]);
+        assert_eq!(&pieces[1][..], &[0u8; 4096][..]);
+        assert_eq!(&pieces[3][..], &[4u8; 100][..]);
+        // Writes while lent copy: what was lent stays as it was.
+        m.write_slice(10, &[9u8; 5]).await.unwrap();
+        m.write_slice(3 * 4096, &[5u8; 100]).await.unwrap();
+        m.trim(0, 3 * 4096 + 100).await.unwrap();
+        m.write_slice(4096, &[7u8; 4096]).await.unwrap();
+        assert_eq!(&pieces[0][..], &[1u8; 4096][..]);
+        assert_eq!(&pieces[1][..], &[0u8; 4096][..]);
+        assert_eq!(&pieces[3][..], &[4u8; 100][..]);
+        assert_eq!(
+            &m.read_bytes(4096, 4096).await.unwrap()[..],
+            &[7u8; 4096][..]
+        );
+        // Lent and given back: the next write is in place again.
+        let again = m.read_shared(4096, 4096).unwrap().unwrap();
+        let p1 = again[0].as_ptr();
+        drop(again);
+        m.write_slice(4096 + 1, &[8u8]).await.unwrap();
+        assert_eq!(chunk_ptr(1), Some(p1));
+        let back = m.read_bytes(4096, 3).await.unwrap();
+        assert_eq!(&back[..], &[7, 8, 7]);
     }
 }
