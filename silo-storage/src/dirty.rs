@@ -58,7 +58,9 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, NotShared, Now, Provider};
+use crate::provider::{
+    now_or, BoxFut, Capabilities, DynProvider, FileRange, NotShared, Now, Provider,
+};
 use crate::shard::Sharded;
 
 /// Something the migrator can take the dirty set from.
@@ -350,6 +352,9 @@ impl Provider for DirtyTrackerLocal {
     }
     fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
         (*self.s.inner).read_shared(offset, len)
+    }
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        (*self.s.inner).read_file(offset, len)
     }
     async fn flush(&self) -> Result<()> {
         (*self.s.inner).flush().await

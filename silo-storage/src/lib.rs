@@ -41,5 +41,5 @@ pub mod waiting;
 
 pub use block::BlockLayout;
 pub use error::{check_range, Error, ErrorKind, Op, Result};
-pub use provider::{Capabilities, DynProvider, NotShared, Now, Provider, ProviderExt};
+pub use provider::{Capabilities, DynProvider, FileRange, NotShared, Now, Provider, ProviderExt};
 pub use sources::MemoryStorage;

@@ -197,6 +197,25 @@ pub trait Provider: Send + Sync + 'static {
         Err(NotShared)
     }
 
+    /// Where `[offset, offset + len)` lies in a file, if this provider keeps
+    /// that range as the bytes of a file the page cache holds right now:
+    /// `Ok(result)` with the [`FileRange`], or `Err(NotShared)` with nothing
+    /// done; then read with [`Provider::read_at`]. A sender that puts reads
+    /// on a socket (the NBD server) copies the range from the page cache
+    /// into the socket in the kernel (`sendfile(2)`), saving the copy into
+    /// a buffer of its own. Unlike [`read_shared`](Self::read_shared), the
+    /// bytes are read when they are sent, not by this call: they hold every
+    /// write that completed before it, and may hold writes that run while
+    /// they are sent (as any read racing a write may). Only for providers
+    /// whose data is exactly the file's (a buffered
+    /// [`FileStorage`](crate::sources::FileStorage)); layers that pass
+    /// reads through unchanged answer for the provider they wrap. The
+    /// default never does.
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        let _ = (offset, len);
+        Err(NotShared)
+    }
+
     /// Waits for in-flight I/O, releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
 }
@@ -205,6 +224,17 @@ pub trait Provider: Send + Sync + 'static {
 /// it with [`Provider::read_at`] instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotShared;
+
+/// A device range kept as bytes of a file: see [`Provider::read_file`].
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    /// The file (kept open while the range is held).
+    pub file: Arc<std::fs::File>,
+    /// Where the range starts in the file.
+    pub offset: u64,
+    /// The range's length in bytes.
+    pub len: usize,
+}
 
 /// What [`Provider::write_now`] and [`Provider::read_now`] return: `Ok`
 /// with the operation's result when it completed, `Err` with the buffer
@@ -333,5 +363,8 @@ impl<P: Provider + ?Sized> Provider for Arc<P> {
     }
     fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
         (**self).read_shared(offset, len)
+    }
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        (**self).read_file(offset, len)
     }
 }

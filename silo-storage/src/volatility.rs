@@ -36,7 +36,9 @@ use crate::bitfield::Bitfield;
 use crate::block::BlockLayout;
 use crate::error::{Error, Result};
 use crate::order::{BlockInfo, BlockKind, BlockOrder};
-use crate::provider::{now_or, BoxFut, Capabilities, DynProvider, NotShared, Now, Provider};
+use crate::provider::{
+    now_or, BoxFut, Capabilities, DynProvider, FileRange, NotShared, Now, Provider,
+};
 use crate::shard::{shard, Padded, Sharded, SHARDS};
 
 /// Number of time slots the window is divided into.
@@ -555,6 +557,9 @@ impl Provider for VolatilityMonitor {
     }
     fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
         (*self.inner).read_shared(offset, len)
+    }
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        (*self.inner).read_file(offset, len)
     }
     fn write_at<'s, 'f>(&'s self, offset: u64, data: Bytes) -> BoxFut<'f, Result<()>>
     where

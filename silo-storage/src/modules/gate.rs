@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use super::LockControl;
 use crate::barrier;
 use crate::error::{Error, Op, Result};
-use crate::provider::{DynProvider, NotShared, Now, Provider};
+use crate::provider::{DynProvider, FileRange, NotShared, Now, Provider};
 use crate::shard::{shard, Counter, Padded, Shard, SLOTS};
 
 const LOCKED: u64 = 1;
@@ -319,6 +319,19 @@ impl<P: Provider, M: GateMode> Provider for Gated<P, M> {
             None => Err(NotShared),
             Some(Err(e)) => Ok(Err(e)),
             Some(Ok(_pass)) => self.inner.read_shared(offset, len),
+        }
+    }
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        if !self.fast {
+            return Err(NotShared);
+        }
+        if !M::GATES_READS {
+            return self.inner.read_file(offset, len);
+        }
+        match self.gate.try_enter(Op::Read) {
+            None => Err(NotShared),
+            Some(Err(e)) => Ok(Err(e)),
+            Some(Ok(_pass)) => self.inner.read_file(offset, len),
         }
     }
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::provider::{now_or, BoxFut, DynProvider, NotShared, Now, Provider};
+use crate::provider::{now_or, BoxFut, DynProvider, FileRange, NotShared, Now, Provider};
 use crate::shard::{shard, Counter, Padded, Shard, SLOTS};
 
 /// Number of latency buckets (the last one ends above 2^31 µs ≈ 36 min).
@@ -415,6 +415,15 @@ impl<P: Provider> Provider for Metrics<P> {
         self.m.read.now(self.every, len as u64, || {
             self.inner.read_shared(offset, len)
         })
+    }
+
+    fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
+        if !self.fast {
+            return Err(NotShared);
+        }
+        self.m
+            .read
+            .now(self.every, len as u64, || self.inner.read_file(offset, len))
     }
 
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {

@@ -70,6 +70,66 @@ pub(crate) fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Resul
     }
 }
 
+/// Whether every page of `[offset, offset + len)` of `file` is in the page
+/// cache, from `cachestat(2)` (Linux 6.5; it counts the pages without
+/// touching the data). `Err` where the call is unavailable (`ENOSYS`) or
+/// fails; the caller then reads the usual way.
+pub(crate) fn all_cached(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        /// `cachestat`'s number, the same on every architecture (it came
+        /// after the tables were unified).
+        const SYS_CACHESTAT: libc::c_long = 451;
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        let page = 4096u64;
+        let first = offset / page;
+        let pages = (offset + len).div_ceil(page) - first;
+        let range = Range {
+            off: first * page,
+            len: pages * page,
+        };
+        let mut stat = Stat::default();
+        // SAFETY: `range` and `stat` are live, properly aligned `repr(C)`
+        // structs matching the kernel's `cachestat_range` and `cachestat`
+        // for the duration of this synchronous call, which only reads the
+        // first and writes the second; the descriptor is kept open by `file`.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0u32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.nr_cache >= pages)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+}
+
 /// How many times the calling thread has given up the CPU voluntarily
 /// (slept in the kernel: waited for a lock, I/O or writeback throttling),
 /// from `getrusage(RUSAGE_THREAD)`; `None` where that is unavailable.
