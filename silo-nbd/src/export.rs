@@ -77,6 +77,7 @@ pub struct ExportMetrics {
     pub(crate) connections_total: AtomicU64,
     pub(crate) busy_poll_hits: AtomicU64,
     pub(crate) busy_poll_misses: AtomicU64,
+    pub(crate) sendfile_reads: AtomicU64,
 }
 
 /// A point-in-time copy of [`ExportMetrics`].
@@ -114,6 +115,9 @@ pub struct ExportStats {
     pub busy_poll_hits: u64,
     /// Busy-poll rounds that found nothing within the budget.
     pub busy_poll_misses: u64,
+    /// READs (among `reads`) whose payload went out with `sendfile`
+    /// ([`ServerConfig::sendfile_reads`](crate::ServerConfig::sendfile_reads)).
+    pub sendfile_reads: u64,
 }
 
 impl ExportMetrics {
@@ -136,6 +140,7 @@ impl ExportMetrics {
             connections_total: g(&self.connections_total),
             busy_poll_hits: g(&self.busy_poll_hits),
             busy_poll_misses: g(&self.busy_poll_misses),
+            sendfile_reads: g(&self.sendfile_reads),
         }
     }
 }

@@ -27,7 +27,8 @@
 //!   ([`transmission_flags`]); errors map to NBD errno values in one place
 //!   ([`errno`]).
 //! * [`kernel`] attaches an export to `/dev/nbdN`; its syscalls live in one
-//!   small module, the only place with `unsafe` code.
+//!   small module. That and the `sendfile(2)` call of reads served from a
+//!   cached file are the only `unsafe` code.
 //!
 //! See `README.md` for a runnable example (it is compiled and run as a doc
 //! test) and `examples/serve_memory.rs`.
@@ -43,6 +44,7 @@ pub mod fuzz_support;
 pub mod handshake;
 pub mod kernel;
 pub mod proto;
+mod sendfile;
 mod server;
 pub mod tracked;
 pub mod transmission;

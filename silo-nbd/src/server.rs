@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::RwLock;
 use silo_storage::provider::write_zeroes_by_writing;
-use silo_storage::NotShared;
+use silo_storage::{FileRange, NotShared};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::time::Instant;
@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::export::{Export, ExportInfo, Extent};
 use crate::handshake::{Catalog, Handshake, Outcome};
 use crate::proto::*;
+use crate::sendfile::ReplySink;
 use crate::transmission::{
     block_status_reply, clamp_extents, error_reply, read_data_header, simple_reply, validate,
     Command, ReplyHead, RequestDecoder, MAX_EXTENTS,
@@ -62,6 +63,13 @@ pub struct ServerConfig {
     /// from the socket in pieces of that size and never copied in user
     /// space. On by default.
     pub adopt_writes: bool,
+    /// Whether READs of at least 64 KiB on TCP and Unix connections are
+    /// sent with `sendfile(2)` when the export's provider keeps the range in
+    /// a cached file ([`silo_storage::Provider::read_file`], e.g. a buffered
+    /// `FileStorage`): the kernel copies each byte from the page cache into
+    /// the socket once, instead of into a buffer and from there to the
+    /// socket. On by default.
+    pub sendfile_reads: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +80,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             busy_poll: Duration::from_micros(100),
             adopt_writes: true,
+            sendfile_reads: true,
         }
     }
 }
@@ -98,6 +107,12 @@ impl ServerConfig {
     /// Sets [`adopt_writes`](Self::adopt_writes).
     pub fn with_adopt_writes(mut self, on: bool) -> Self {
         self.adopt_writes = on;
+        self
+    }
+
+    /// Sets [`sendfile_reads`](Self::sendfile_reads).
+    pub fn with_sendfile_reads(mut self, on: bool) -> Self {
+        self.sendfile_reads = on;
         self
     }
 
@@ -257,7 +272,7 @@ impl Server {
     fn spawn_connection<R, W>(&self, r: R, w: W, socket: Option<busy_poll::Socket>, peer: String)
     where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: ReplySink,
     {
         let inner = self.inner.clone();
         let span = tracing::info_span!("nbd_conn", %peer);
@@ -358,7 +373,7 @@ async fn connection<R, W>(
 ) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
 {
     let mut buf = BytesMut::with_capacity(4096);
     let mut hs = Handshake::new();
@@ -527,6 +542,9 @@ struct Outgoing {
     /// Payload pieces after `data`: a read answered with the provider's
     /// own memory ([`Provider::read_shared`](silo_storage::Provider::read_shared)) sends them as they are.
     more: Vec<Bytes>,
+    /// The payload, last, as a range of a cached file sent with
+    /// `sendfile` (see [`ServerConfig::sendfile_reads`]).
+    file: Option<FileRange>,
     /// Write payload bytes the request held until it finished (see
     /// [`OutQueue::held`]).
     held: usize,
@@ -538,15 +556,22 @@ impl Outgoing {
             head,
             data: None,
             more: Vec::new(),
+            file: None,
             held: 0,
         }
     }
 
     fn len(&self) -> usize {
+        self.memory_len() + self.file.as_ref().map_or(0, |f| f.len)
+    }
+
+    /// Bytes of the parts sent from memory.
+    fn memory_len(&self) -> usize {
         self.parts().map(<[u8]>::len).sum()
     }
 
-    /// What goes on the wire, in order (some parts may be empty).
+    /// What goes on the wire from memory, in order (some parts may be
+    /// empty), before [`file`](Self::file).
     fn parts(&self) -> impl Iterator<Item = &[u8]> {
         std::iter::once(self.head.as_slice())
             .chain(self.data.as_deref())
@@ -620,12 +645,27 @@ impl OutQueue {
     /// Writes queued replies until the queue is empty (`Ready(Ok)`) or the
     /// socket is full (`Pending`, with the waker registered). Progress is
     /// kept in `self`, so dropping the poll at any point loses nothing.
-    fn poll_write<W: AsyncWrite + Unpin>(
+    fn poll_write<W: ReplySink>(
         &mut self,
         w: &mut W,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        while !self.queue.is_empty() {
+        while let Some(front) = self.queue.front() {
+            // The front reply's file payload, once its header is out.
+            let sent = self.front_done.checked_sub(front.memory_len());
+            if let (Some(f), Some(sent)) = (&front.file, sent) {
+                let n = match w.poll_sendfile(cx, &f.file, f.offset + sent as u64, f.len - sent) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    // The file is shorter than the device said.
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()))
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                };
+                self.advance(n);
+                continue;
+            }
             let n = {
                 let mut slices: [IoSlice<'_>; Self::SLICES] = [IoSlice::new(&[]); Self::SLICES];
                 let mut k = 0;
@@ -643,6 +683,10 @@ impl OutQueue {
                         slices[k] = IoSlice::new(&part[skip..]);
                         skip = 0;
                         k += 1;
+                    }
+                    // A file payload follows: sent on its own, above.
+                    if o.file.is_some() {
+                        break 'fill;
                     }
                 }
                 match Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k]) {
@@ -729,7 +773,7 @@ async fn transmission<R, W>(
 ) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
 {
     /// Queued reply bytes after which a reply is written before the next
     /// buffered request is run (keeps read buffers few and cache-hot).
@@ -752,6 +796,8 @@ where
         .filter(|p| inner.config.adopt_writes && (4096..=MAX_PIECE).contains(p))
         .unwrap_or(0);
     let provider = export.provider.clone();
+    // Large reads of a cached file go out with `sendfile`.
+    let sendfile = inner.config.sendfile_reads && w.can_sendfile();
     let mut decoder = RequestDecoder::new(&export.info)
         .with_write_pieces(piece, Box::new(move || provider.adopt_buffer()));
     // Set once shutdown starts: buffered requests are answered ESHUTDOWN,
@@ -815,6 +861,14 @@ where
                         {
                             out.push(o);
                             break 'run;
+                        }
+                        if sendfile && len >= SENDFILE_MIN {
+                            if let Some(o) =
+                                read_file(&export, offset, len, cookie, kind, structured)
+                            {
+                                out.push(o);
+                                break 'run;
+                            }
                         }
                     }
                     let read_buf = match &cmd {
@@ -1034,6 +1088,7 @@ async fn execute(
                     head: read_head(cookie, offset, len, structured),
                     data: Some(buf.freeze()),
                     more: Vec::new(),
+                    file: None,
                     held: 0,
                 })
             }
@@ -1142,6 +1197,7 @@ async fn execute(
                     head: ReplyHead::default(),
                     data: Some(out.freeze()),
                     more: Vec::new(),
+                    file: None,
                     held: 0,
                 })
             }
@@ -1209,6 +1265,52 @@ fn read_shared(
         head: read_head(cookie, offset, len, structured),
         data: None,
         more: pieces,
+        file: None,
+        held: 0,
+    })
+}
+
+/// Smallest READ sent with `sendfile` (see [`ServerConfig::sendfile_reads`]):
+/// below it a syscall per reply costs more than the copy it saves, and
+/// small replies go out many to one `writev`.
+const SENDFILE_MIN: u32 = 64 * 1024;
+
+/// Answers a read with a range of the file the provider keeps it in, if
+/// it lends one (see [`Provider::read_file`](silo_storage::Provider::read_file)):
+/// the payload is then copied from the page cache to the socket by the
+/// kernel. `None`: read it the usual way.
+fn read_file(
+    export: &Export,
+    offset: u64,
+    len: u32,
+    cookie: u64,
+    kind: u16,
+    structured: bool,
+) -> Option<Outgoing> {
+    let range = match export.provider.read_file(offset, len as usize) {
+        Err(NotShared) => return None,
+        Ok(Err(e)) => return Some(failed(export, &e, false, cookie, kind, structured)),
+        Ok(Ok(range)) => range,
+    };
+    if range.len != len as usize {
+        // Not the range asked for: a provider bug, read it the usual way.
+        warn!(
+            offset,
+            len,
+            lent = range.len,
+            "provider lent a file range of the wrong length"
+        );
+        return None;
+    }
+    let m = &export.metrics;
+    m.reads.fetch_add(1, Ordering::Relaxed);
+    m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+    m.sendfile_reads.fetch_add(1, Ordering::Relaxed);
+    Some(Outgoing {
+        head: read_head(cookie, offset, len, structured),
+        data: None,
+        more: Vec::new(),
+        file: Some(range),
         held: 0,
     })
 }
@@ -1287,6 +1389,99 @@ mod tests {
         );
     }
 
+    /// A writer that takes at most 7 bytes per call, file ranges included
+    /// (read with `pread`, as `sendfile` would send them).
+    struct Slow(std::io::Cursor<Vec<u8>>);
+    impl AsyncWrite for Slow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = b.len().min(7);
+            Poll::Ready(std::io::Write::write(&mut self.get_mut().0, &b[..n]))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl ReplySink for Slow {
+        fn can_sendfile(&self) -> bool {
+            true
+        }
+        fn poll_sendfile(
+            &mut self,
+            _: &mut Context<'_>,
+            file: &std::fs::File,
+            offset: u64,
+            len: usize,
+        ) -> Poll<std::io::Result<usize>> {
+            use std::os::unix::fs::FileExt;
+            let mut b = vec![0u8; len.min(7)];
+            let n = file.read_at(&mut b, offset)?;
+            Poll::Ready(std::io::Write::write(&mut self.0, &b[..n]))
+        }
+    }
+
+    /// Replies with file payloads go out in order between replies from
+    /// memory, however the writes split; a file shorter than its range
+    /// is an error, not a hang.
+    #[test]
+    fn out_queue_sends_file_payloads_in_order() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        let content: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&content).unwrap();
+        let f = Arc::new(f);
+        let mut q = OutQueue::default();
+        let mut want = Vec::new();
+        for i in 0..6u64 {
+            let head = simple_reply(i, None);
+            want.extend_from_slice(head.as_slice());
+            let file = (i % 2 == 1).then(|| {
+                let (offset, len) = (i * 100, 1000 + i as usize);
+                want.extend_from_slice(&content[offset as usize..offset as usize + len]);
+                FileRange {
+                    file: f.clone(),
+                    offset,
+                    len,
+                }
+            });
+            q.push(Outgoing {
+                file,
+                ..Outgoing::head(head)
+            });
+        }
+        assert_eq!(q.bytes, want.len());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut sink = Slow(std::io::Cursor::new(Vec::new()));
+        assert!(matches!(
+            q.poll_write(&mut sink, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(q.is_empty());
+        assert_eq!(q.bytes, 0);
+        assert!(sink.0.get_ref() == &want);
+
+        // Past the end of the file.
+        q.push(Outgoing {
+            file: Some(FileRange {
+                file: f.clone(),
+                offset: 4990,
+                len: 20,
+            }),
+            ..Outgoing::head(simple_reply(9, None))
+        });
+        let res = q.poll_write(&mut sink, &mut cx);
+        assert!(
+            matches!(&res, Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{res:?}"
+        );
+    }
+
     /// Partial writes: replies leave the queue only once fully written,
     /// their buffers go back to the pool, and the bytes written are the
     /// replies' bytes in order.
@@ -1304,41 +1499,21 @@ mod tests {
             });
             q.push(Outgoing {
                 more: Vec::new(),
+                file: None,
                 head,
                 data,
                 held: 0,
             });
         }
         assert_eq!(q.bytes, want.len());
-        let mut w = std::io::Cursor::new(Vec::new());
-        // A writer that takes at most 7 bytes per call.
-        struct Slow<'a>(&'a mut std::io::Cursor<Vec<u8>>);
-        impl AsyncWrite for Slow<'_> {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                b: &[u8],
-            ) -> Poll<std::io::Result<usize>> {
-                let n = b.len().min(7);
-                Poll::Ready(std::io::Write::write(self.get_mut().0, &b[..n]))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<std::io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-        }
+        let mut w = Slow(std::io::Cursor::new(Vec::new()));
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        let res = q.poll_write(&mut Slow(&mut w), &mut cx);
+        let res = q.poll_write(&mut w, &mut cx);
         assert!(matches!(res, Poll::Ready(Ok(()))));
         assert!(q.is_empty());
         assert_eq!(q.bytes, 0);
-        assert_eq!(w.into_inner(), want);
+        assert_eq!(w.0.into_inner(), want);
         assert_eq!(q.pool.free.len(), 3, "payload buffers returned");
     }
 }

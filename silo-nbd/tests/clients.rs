@@ -375,3 +375,70 @@ print("OK")
     assert_eq!(s.writes, 32);
     assert!(s.connections_total >= 4, "{s:?}");
 }
+
+/// Large reads of a cached file export go out with `sendfile`, over TCP
+/// and Unix sockets, with structured and simple replies, at unaligned
+/// offsets, and return the file's bytes; with `sendfile_reads` off the
+/// same reads are served from memory.
+#[test]
+fn file_export_reads_go_out_with_sendfile() {
+    use silo_storage::sources::{Engine, FileStorage};
+    need("nbdcopy");
+    need("qemu-io");
+    let size = 40 * MIB;
+    for on in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: DynProvider =
+            Arc::new(FileStorage::create(dir.path().join("disk.raw"), size, Engine::Auto).unwrap());
+        let config = ServerConfig::default().with_sendfile_reads(on);
+        let t = TestServer::start_with(config, vec![Export::new("disk", disk)]);
+        let src = dir.path().join("src.raw");
+        let mut data = pattern(size as usize, 11);
+        std::fs::write(&src, &data).unwrap();
+        run(Command::new("nbdcopy").args([src.to_str().unwrap(), &t.uri("disk")]));
+        for (i, uri) in [t.uri("disk"), t.unix_uri("disk")].iter().enumerate() {
+            let back = dir.path().join(format!("back{i}.raw"));
+            run(Command::new("nbdcopy").args([uri, back.to_str().unwrap()]));
+            assert_eq!(sha256_file(&back), sha256(&data), "{uri}, sendfile {on}");
+        }
+        // Unaligned, and read right after it was written.
+        let out = run(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 1000003 200k",
+            "-c",
+            "read -P 9 1000003 200k",
+            &t.uri("disk"),
+        ]));
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        data[1000003..1000003 + 200 * 1024].fill(9);
+        // Simple replies (what the kernel client speaks).
+        let got = dir.path().join("simple.raw");
+        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let script = format!(
+            "h.set_request_structured_replies(False)\n\
+             h.connect_uri({uri:?})\n\
+             assert not h.get_structured_replies_negotiated()\n\
+             open({got:?}, 'wb').write(h.pread(262144, 999999))\n\
+             h.shutdown()",
+            uri = t.uri("disk"),
+            got = got.to_str().unwrap(),
+        );
+        run(Command::new("nbdsh")
+            .env("PATH", path)
+            .args(["-c", &script]));
+        assert!(
+            std::fs::read(&got).unwrap() == data[999999..999999 + 262144],
+            "simple-reply read differs, sendfile {on}"
+        );
+        let s = t.server.export("disk").unwrap().metrics().snapshot();
+        assert_eq!(s.errors, 0, "{s:?}");
+        if on {
+            // Most of 80 MiB of nbdcopy reads, in 256 KiB requests.
+            assert!(s.sendfile_reads >= 100, "{s:?}");
+        } else {
+            assert_eq!(s.sendfile_reads, 0, "{s:?}");
+        }
+    }
+}
