@@ -1258,16 +1258,35 @@ fn read_shared(
         Ok(Err(e)) => return Some(failed(export, &e, false, cookie, kind, structured)),
         Ok(Ok(pieces)) => pieces,
     };
+    Some(lent_reply(
+        export, offset, len, cookie, structured, pieces, None,
+    ))
+}
+
+/// The reply to a read whose payload the provider lent (memory pieces or a
+/// file range), counted.
+fn lent_reply(
+    export: &Export,
+    offset: u64,
+    len: u32,
+    cookie: u64,
+    structured: bool,
+    more: Vec<Bytes>,
+    file: Option<FileRange>,
+) -> Outgoing {
     let m = &export.metrics;
     m.reads.fetch_add(1, Ordering::Relaxed);
     m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
-    Some(Outgoing {
+    if file.is_some() {
+        m.sendfile_reads.fetch_add(1, Ordering::Relaxed);
+    }
+    Outgoing {
         head: read_head(cookie, offset, len, structured),
         data: None,
-        more: pieces,
-        file: None,
+        more,
+        file,
         held: 0,
-    })
+    }
 }
 
 /// Smallest READ sent with `sendfile` (see [`ServerConfig::sendfile_reads`]):
@@ -1302,17 +1321,15 @@ fn read_file(
         );
         return None;
     }
-    let m = &export.metrics;
-    m.reads.fetch_add(1, Ordering::Relaxed);
-    m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
-    m.sendfile_reads.fetch_add(1, Ordering::Relaxed);
-    Some(Outgoing {
-        head: read_head(cookie, offset, len, structured),
-        data: None,
-        more: Vec::new(),
-        file: Some(range),
-        held: 0,
-    })
+    Some(lent_reply(
+        export,
+        offset,
+        len,
+        cookie,
+        structured,
+        Vec::new(),
+        Some(range),
+    ))
 }
 
 /// A structured reply with no data (`NONE` chunk, `DONE`), for zero-length reads.

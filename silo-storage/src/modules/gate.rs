@@ -267,6 +267,24 @@ impl<P: Provider, M: GateMode> Gated<P, M> {
     pub fn is_locked(&self) -> bool {
         self.gate.is_locked()
     }
+
+    /// Admission of a read that must complete without waiting: `Ok` to go
+    /// ahead (holding the pass, if reads are gated), `Err(Some)` when the
+    /// gate is closed, `Err(None)` when it cannot be entered now (or
+    /// nothing below completes without waiting).
+    fn read_pass(&self) -> std::result::Result<Option<Pass<'_>>, Option<Error>> {
+        if !self.fast {
+            return Err(None);
+        }
+        if !M::GATES_READS {
+            return Ok(None);
+        }
+        match self.gate.try_enter(Op::Read) {
+            None => Err(None),
+            Some(Err(e)) => Err(Some(e)),
+            Some(Ok(pass)) => Ok(Some(pass)),
+        }
+    }
 }
 
 #[async_trait]
@@ -296,42 +314,24 @@ impl<P: Provider, M: GateMode> Provider for Gated<P, M> {
         self.inner.adopt_buffer()
     }
     fn read_now(&self, offset: u64, buf: BytesMut) -> Now<BytesMut, BytesMut> {
-        if !self.fast {
-            return Err(buf);
-        }
-        if !M::GATES_READS {
-            return self.inner.read_now(offset, buf);
-        }
-        match self.gate.try_enter(Op::Read) {
-            None => Err(buf),
-            Some(Err(e)) => Ok(Err(e)),
-            Some(Ok(_pass)) => self.inner.read_now(offset, buf),
+        match self.read_pass() {
+            Ok(_pass) => self.inner.read_now(offset, buf),
+            Err(Some(e)) => Ok(Err(e)),
+            Err(None) => Err(buf),
         }
     }
     fn read_shared(&self, offset: u64, len: usize) -> Now<Vec<Bytes>, NotShared> {
-        if !self.fast {
-            return Err(NotShared);
-        }
-        if !M::GATES_READS {
-            return self.inner.read_shared(offset, len);
-        }
-        match self.gate.try_enter(Op::Read) {
-            None => Err(NotShared),
-            Some(Err(e)) => Ok(Err(e)),
-            Some(Ok(_pass)) => self.inner.read_shared(offset, len),
+        match self.read_pass() {
+            Ok(_pass) => self.inner.read_shared(offset, len),
+            Err(Some(e)) => Ok(Err(e)),
+            Err(None) => Err(NotShared),
         }
     }
     fn read_file(&self, offset: u64, len: usize) -> Now<FileRange, NotShared> {
-        if !self.fast {
-            return Err(NotShared);
-        }
-        if !M::GATES_READS {
-            return self.inner.read_file(offset, len);
-        }
-        match self.gate.try_enter(Op::Read) {
-            None => Err(NotShared),
-            Some(Err(e)) => Ok(Err(e)),
-            Some(Ok(_pass)) => self.inner.read_file(offset, len),
+        match self.read_pass() {
+            Ok(_pass) => self.inner.read_file(offset, len),
+            Err(Some(e)) => Ok(Err(e)),
+            Err(None) => Err(NotShared),
         }
     }
     fn write_now(&self, offset: u64, data: Bytes) -> Now<(), Bytes> {
