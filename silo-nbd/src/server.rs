@@ -812,6 +812,8 @@ where
     // length of the latest (reads and writes; 0 for the others).
     let mut served = 0usize;
     let mut last_len = 0u32;
+    // Payload length of the latest WRITE: the likely size of the next.
+    let mut last_write = 0usize;
 
     let result: Result<()> = 'conn: loop {
         // Run every complete request already buffered (up to the limit).
@@ -831,6 +833,9 @@ where
             };
             let (kind, cookie) = (req.header.kind, req.header.cookie);
             served += 1;
+            if kind == CMD_WRITE {
+                last_write = req.header.len as usize;
+            }
             last_len = match kind {
                 CMD_READ | CMD_WRITE => req.header.len,
                 _ => 0,
@@ -922,10 +927,15 @@ where
             if buf.capacity() - buf.len() < need {
                 recv.make_room(&mut buf, need);
             }
-            // Near the end of the buffer, read no further than the current
-            // request and the next header: a large request cut off at the
-            // end would be copied whole into the next buffer.
-            if buf.capacity() - buf.len() - rest < 64 * 1024 {
+            // Near the end of the buffer (less room after the current
+            // request than for a write as large as the last), read no
+            // further than the current request and the next header: a
+            // large request cut off at the end would be copied into the
+            // next buffer. (nbdcopy writing 256 KiB requests to a file
+            // export: those copies took 2.4 % of the server's CPU time
+            // with a fixed 64 KiB tail, 1.5 % with this one.)
+            let tail = (64 * 1024).max(last_write + REQUEST_HEADER_LEN);
+            if buf.capacity() - buf.len() - rest < tail {
                 read_limit = rest + REQUEST_HEADER_LEN;
             }
             if let Some(hint) = decoder.read_hint() {
