@@ -53,8 +53,9 @@ pub struct ServerConfig {
     /// client sends each request within this time of going idle (a client
     /// at queue depth 1) and its requests move at most 64 KiB of data (a
     /// client streaming large requests needs the CPU more). On a VM this
-    /// spares a halted vCPU's wake-up per request: tens of µs. Costs at most this much CPU time per idle
-    /// period, and only for quick clients. Zero turns it off.
+    /// spares a halted vCPU's wake-up per request: tens of µs. Costs at
+    /// most this much CPU time per idle period, and only for quick
+    /// clients. Zero turns it off.
     pub busy_poll: Duration,
     /// Whether large WRITE payloads are received straight into buffers the
     /// export's provider keeps as its memory, when it says it can
