@@ -863,18 +863,11 @@ where
                 }
                 Ok(cmd) => 'run: {
                     if let Command::Read { offset, len } = cmd {
-                        if let Some(o) = read_shared(&export, offset, len, cookie, kind, structured)
+                        if let Some(o) =
+                            read_lent(&export, offset, len, cookie, kind, structured, sendfile)
                         {
                             out.push(o);
                             break 'run;
-                        }
-                        if sendfile && len >= SENDFILE_MIN {
-                            if let Some(o) =
-                                read_file(&export, offset, len, cookie, kind, structured)
-                            {
-                                out.push(o);
-                                break 'run;
-                            }
                         }
                     }
                     let read_buf = match &cmd {
@@ -1252,95 +1245,65 @@ fn read_head(cookie: u64, offset: u64, len: u32, structured: bool) -> ReplyHead 
     }
 }
 
-/// Answers a read with the provider's own memory if it lends it for that
-/// range (see [`Provider::read_shared`](silo_storage::Provider::read_shared)): the payload is then written to
-/// the socket from the device's memory, with no copy into a buffer of
-/// ours. `None`: read it the usual way.
-fn read_shared(
+/// Smallest READ sent with `sendfile` (see [`ServerConfig::sendfile_reads`]):
+/// below it a syscall per reply costs more than the copy it saves, and
+/// small replies go out many to one `writev`.
+const SENDFILE_MIN: u32 = 64 * 1024;
+
+/// Answers a read with what the provider lends for that range, if it lends
+/// anything: its own memory (see
+/// [`Provider::read_shared`](silo_storage::Provider::read_shared)), written
+/// to the socket with no copy into a buffer of ours; else, when `sendfile`
+/// is allowed and the read is at least [`SENDFILE_MIN`], a range of the
+/// cached file it keeps the data in (see
+/// [`Provider::read_file`](silo_storage::Provider::read_file)), copied
+/// from the page cache to the socket by the kernel. `None`: read it the
+/// usual way.
+fn read_lent(
     export: &Export,
     offset: u64,
     len: u32,
     cookie: u64,
     kind: u16,
     structured: bool,
+    sendfile: bool,
 ) -> Option<Outgoing> {
-    let pieces = match export.provider.read_shared(offset, len as usize) {
-        Err(NotShared) => return None,
-        Ok(Err(e)) => return Some(failed(export, &e, false, cookie, kind, structured)),
-        Ok(Ok(pieces)) => pieces,
+    let p = &export.provider;
+    let fail = |e| Some(failed(export, &e, false, cookie, kind, structured));
+    let (more, file) = match p.read_shared(offset, len as usize) {
+        Ok(Ok(pieces)) => (pieces, None),
+        Ok(Err(e)) => return fail(e),
+        Err(NotShared) if !sendfile || len < SENDFILE_MIN => return None,
+        Err(NotShared) => match p.read_file(offset, len as usize) {
+            Ok(Ok(range)) if range.len == len as usize => (Vec::new(), Some(range)),
+            Ok(Ok(range)) => {
+                // Not the range asked for: a provider bug, read it the
+                // usual way.
+                warn!(
+                    offset,
+                    len,
+                    lent = range.len,
+                    "provider lent a file range of the wrong length"
+                );
+                return None;
+            }
+            Ok(Err(e)) => return fail(e),
+            Err(NotShared) => return None,
+        },
     };
-    Some(lent_reply(
-        export, offset, len, cookie, structured, pieces, None,
-    ))
-}
-
-/// The reply to a read whose payload the provider lent (memory pieces or a
-/// file range), counted.
-fn lent_reply(
-    export: &Export,
-    offset: u64,
-    len: u32,
-    cookie: u64,
-    structured: bool,
-    more: Vec<Bytes>,
-    file: Option<FileRange>,
-) -> Outgoing {
     let m = &export.metrics;
     m.reads.fetch_add(1, Ordering::Relaxed);
     m.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
     if file.is_some() {
         m.sendfile_reads.fetch_add(1, Ordering::Relaxed);
     }
-    Outgoing {
+    Some(Outgoing {
         head: read_head(cookie, offset, len, structured),
         data: None,
         more,
         file,
         held: 0,
-    }
-}
-
-/// Smallest READ sent with `sendfile` (see [`ServerConfig::sendfile_reads`]):
-/// below it a syscall per reply costs more than the copy it saves, and
-/// small replies go out many to one `writev`.
-const SENDFILE_MIN: u32 = 64 * 1024;
-
-/// Answers a read with a range of the file the provider keeps it in, if
-/// it lends one (see [`Provider::read_file`](silo_storage::Provider::read_file)):
-/// the payload is then copied from the page cache to the socket by the
-/// kernel. `None`: read it the usual way.
-fn read_file(
-    export: &Export,
-    offset: u64,
-    len: u32,
-    cookie: u64,
-    kind: u16,
-    structured: bool,
-) -> Option<Outgoing> {
-    let range = match export.provider.read_file(offset, len as usize) {
-        Err(NotShared) => return None,
-        Ok(Err(e)) => return Some(failed(export, &e, false, cookie, kind, structured)),
-        Ok(Ok(range)) => range,
-    };
-    if range.len != len as usize {
-        // Not the range asked for: a provider bug, read it the usual way.
-        warn!(
-            offset,
-            len,
-            lent = range.len,
-            "provider lent a file range of the wrong length"
-        );
-        return None;
-    }
-    Some(lent_reply(
-        export,
-        offset,
-        len,
-        cookie,
-        structured,
-        Vec::new(),
-        Some(range),
-    ))
+    })
 }
 
 /// A structured reply with no data (`NONE` chunk, `DONE`), for zero-length reads.
