@@ -683,4 +683,73 @@ mod tests {
             assert_eq!(seen, 20, "round {round}: final write was lost");
         }
     }
+
+    /// Writes from many threads at once (more than there are shards) all
+    /// count towards `min_changed`, per block.
+    #[test]
+    fn concurrent_writes_all_count_towards_min_changed() {
+        let threads = crate::shard::SHARDS as u64 + 4;
+        let mem: DynProvider = Arc::new(MemoryStorage::new(threads * 4096));
+        let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.track_at(0, threads * 4096);
+        // Thread t writes its own block 1 + 9 t times.
+        let writes = |t: u64| 1 + 9 * t;
+        let start = Arc::new(std::sync::Barrier::new(threads as usize));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (local, start) = (local.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let data = Bytes::from(vec![t as u8; 512]);
+                    start.wait();
+                    for _ in 0..writes(t) {
+                        local
+                            .write_now(t * 4096, data.clone())
+                            .expect("memory completes now")
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let min = 150;
+        let sel = DirtySelect {
+            max_age: Duration::from_secs(3600),
+            limit: usize::MAX,
+            min_changed: min,
+        };
+        // Most changed first; the others stay dirty.
+        let want: Vec<u64> = (0..threads).rev().filter(|&t| writes(t) >= 150).collect();
+        assert!(!want.is_empty() && want.len() < threads as usize);
+        assert_eq!(remote.dirty_blocks(sel), want);
+        assert_eq!(remote.dirty_count(), threads - want.len() as u64);
+    }
+
+    /// A snapshot forgets the change count of the blocks it takes: the
+    /// block's next round counts from zero.
+    #[tokio::test]
+    async fn snapshot_resets_change_counts() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(8 * 4096));
+        let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.track_at(0, 8 * 4096);
+        for _ in 0..5 {
+            local.write_slice(3 * 4096, &[1; 10]).await.unwrap();
+        }
+        assert_eq!(remote.take_dirty(), vec![3]);
+        remote.track_at(3 * 4096, 1);
+        for _ in 0..2 {
+            local.write_slice(3 * 4096, &[2; 10]).await.unwrap();
+        }
+        let sel = |min_changed| DirtySelect {
+            max_age: Duration::from_secs(3600),
+            limit: 10,
+            min_changed,
+        };
+        assert!(
+            remote.dirty_blocks(sel(3)).is_empty(),
+            "counted the old round"
+        );
+        assert_eq!(remote.dirty_blocks(sel(2)), vec![3]);
+    }
 }

@@ -39,7 +39,7 @@ use crate::order::{BlockInfo, BlockKind, BlockOrder};
 use crate::provider::{
     now_or, BoxFut, Capabilities, DynProvider, FileRange, NotShared, Now, Provider,
 };
-use crate::shard::{shard, Padded, Sharded, SHARDS};
+use crate::shard::{shard, ShardRing, Sharded, SHARDS};
 
 /// Number of time slots the window is divided into.
 pub const SLOTS: u64 = 8;
@@ -84,46 +84,49 @@ const RING: usize = 128;
 
 /// Blocks written by the thread that owns one shard (see `crate::shard`)
 /// and not yet counted: that thread appends without taking the state lock
-/// or any locked instruction; whoever holds the lock consumes. Entries were
-/// all written during slot `slot`, which the owner changes only while
-/// holding the lock with the ring empty.
-struct Ring {
-    /// Entries appended (written by the owner, `Release`).
-    head: Padded<AtomicU64>,
-    /// Entries consumed (written under the state lock, `Release`).
-    tail: Padded<AtomicU64>,
+/// or any locked instruction; whoever holds the lock consumes.
+type Ring = ShardRing<RingOwner>;
+
+/// The owner's data of a [`Ring`] (on the cache line it appends through).
+/// Entries were all written during slot `slot`, which the owner changes
+/// only while holding the lock with the ring empty.
+#[derive(Default)]
+struct RingOwner {
     /// Slot of the entries.
     slot: AtomicU64,
-    /// Clock reading (ns) at which `slot` ends; like `slot`, only the
-    /// owner uses it (0 until the first write: compute the slot).
+    /// Clock reading (ns) at which `slot` ends (0 until the first write:
+    /// compute the slot).
     end: AtomicU64,
-    entries: Box<[AtomicU64]>,
+    /// Writes this ring's owners recorded (for `total_writes`).
+    writes: AtomicU64,
 }
 
-impl Ring {
-    fn new() -> Self {
-        Ring {
-            head: Padded(AtomicU64::new(0)),
-            tail: Padded(AtomicU64::new(0)),
-            slot: AtomicU64::new(0),
-            end: AtomicU64::new(0),
-            entries: (0..RING).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-}
-
-/// Per-block counters, kept together so a write touches one cache line.
+/// Per-block counters, kept together so a write touches one cache line
+/// (16 bytes: four blocks to a line; the table of a large device competes
+/// with its data for the cache).
 #[derive(Clone, Copy)]
 struct BlockStat {
     /// Writes within the window.
     count: u32,
     /// Writes during slot `last_slot` (the authoritative count of the
-    /// block's entry in that slot's list).
+    /// block's entry in that slot's list); 0: the block has no entry in
+    /// any slot in the window, and `last_slot` means nothing.
     cur: u32,
     /// Position of the block's entry in the list of slot `last_slot`.
     slot_pos: u32,
-    /// Slot of the block's last write (`u64::MAX`: none).
-    last_slot: u64,
+    /// Low 32 bits of the slot of the block's last write. Enough to tell
+    /// slots apart: while `cur > 0` that slot is still in the window, and
+    /// the window's slots are fewer than [`SLOTS`] + 1 consecutive ones.
+    last_slot: u32,
+}
+
+impl BlockStat {
+    /// Whether the block's latest entry is in slot `slot` (a slot in the
+    /// window).
+    #[inline]
+    fn last_in(&self, slot: u64) -> bool {
+        self.cur > 0 && self.last_slot == slot as u32
+    }
 }
 
 /// A provider that counts writes per block, and a block order returning the
@@ -142,6 +145,7 @@ pub struct VolatilityMonitor {
     state: Mutex<State>,
     /// One write ring per ownable shard.
     rings: Box<[Ring]>,
+    /// Writes recorded outside the rings.
     total_writes: Sharded,
 }
 
@@ -177,7 +181,7 @@ impl VolatilityMonitor {
                         count: 0,
                         cur: 0,
                         slot_pos: 0,
-                        last_slot: u64::MAX,
+                        last_slot: 0,
                     };
                     n as usize
                 ],
@@ -188,7 +192,9 @@ impl VolatilityMonitor {
                 log: Vec::with_capacity(LOG_MAX),
                 log_slot: 0,
             }),
-            rings: (0..SHARDS).map(|_| Ring::new()).collect(),
+            rings: (0..SHARDS)
+                .map(|_| Ring::new(RING, RingOwner::default()))
+                .collect(),
             total_writes: Sharded::new(),
         })
     }
@@ -211,9 +217,8 @@ impl VolatilityMonitor {
             let (_, writes) = st.slots.pop_front().expect("front exists");
             for (b, c) in writes {
                 let stat = &mut st.stats[b as usize];
-                let c = if stat.last_slot == idx {
-                    stat.last_slot = u64::MAX;
-                    stat.cur
+                let c = if stat.last_in(idx) {
+                    std::mem::take(&mut stat.cur)
                 } else {
                     c
                 };
@@ -240,36 +245,43 @@ impl VolatilityMonitor {
             return;
         }
         let sh = shard();
-        self.total_writes.add_in(sh, 1);
         let ns = self.clock.elapsed_ns();
         let n = (blocks.end - blocks.start) as usize;
         if sh.owned() && n <= RING / 4 {
             let ring = &self.rings[sh.index()];
-            let head = ring.head.0.load(Ordering::Relaxed);
-            let tail = ring.tail.0.load(Ordering::Acquire);
-            let full = (head - tail) as usize + n > RING;
+            let own = ring.extra();
+            // Only this thread writes its ring's owner data.
+            own.writes
+                .store(own.writes.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            let full = !ring.has_room(n);
             // Still inside the ring's slot (the clock is monotonic and the
             // slot was computed from an earlier reading): no division.
-            if ns >= ring.end.load(Ordering::Relaxed) || full {
+            if ns >= own.end.load(Ordering::Relaxed) || full {
                 let now = ns / self.slot_ns;
-                if ring.slot.load(Ordering::Relaxed) != now || full {
-                    // A new slot or a full ring: count everything buffered
-                    // (this ring included), then start the ring on `now`.
+                if own.slot.load(Ordering::Relaxed) != now {
+                    // A new slot (once a slot per thread): count everything
+                    // buffered, oldest slot first so that slots open in
+                    // order, then start this ring on `now`.
                     let mut st = self.state.lock();
                     self.fold(&mut st);
-                    ring.slot.store(now, Ordering::Relaxed);
+                    own.slot.store(now, Ordering::Relaxed);
+                } else if full {
+                    // A full ring within its slot (every `RING` blocks):
+                    // count this ring's entries only. The other rings' heads
+                    // and tails are other cores' cache lines, or cold, 64 of
+                    // them; their entries are from this slot or the one
+                    // before, since each owner folds everything when its
+                    // slot changes.
+                    let mut st = self.state.lock();
+                    self.fold_ring(&mut st, now, ring);
                 }
-                ring.end
+                own.end
                     .store((now + 1).saturating_mul(self.slot_ns), Ordering::Relaxed);
             }
-            let mut head = ring.head.0.load(Ordering::Relaxed);
-            for b in blocks {
-                ring.entries[head as usize % RING].store(b, Ordering::Relaxed);
-                head += 1;
-            }
-            ring.head.0.store(head, Ordering::Release);
+            ring.push(blocks);
             return;
         }
+        self.total_writes.add_in(sh, 1);
         let now = ns / self.slot_ns;
         let mut st = self.state.lock();
         if st.log_slot != now || st.log.len() + n > LOG_MAX {
@@ -303,8 +315,8 @@ impl VolatilityMonitor {
         let mut order = [(0u64, 0usize); SHARDS + 1];
         let mut n = 0;
         for (i, r) in self.rings.iter().enumerate() {
-            if r.head.0.load(Ordering::Acquire) != r.tail.0.load(Ordering::Relaxed) {
-                order[n] = (r.slot.load(Ordering::Relaxed), i);
+            if !r.is_empty() {
+                order[n] = (r.extra().slot.load(Ordering::Relaxed), i);
                 n += 1;
             }
         }
@@ -330,23 +342,21 @@ impl VolatilityMonitor {
 
     /// Counts one ring's entries.
     fn fold_ring(&self, st: &mut State, slot: u64, ring: &Ring) {
-        let head = ring.head.0.load(Ordering::Acquire);
-        let tail = ring.tail.0.load(Ordering::Relaxed);
+        let batch = ring.batch();
         let now = Self::clamp_slot(st, slot);
         self.open_slot(st, now);
         // Touch every counter first (see `fold_log`).
         let mut sum = 0u32;
-        for i in tail..head {
-            let b = ring.entries[i as usize % RING].load(Ordering::Relaxed);
-            sum = sum.wrapping_add(st.stats[b as usize].cur);
+        for b in batch.iter() {
+            sum = sum
+                .wrapping_add(st.stats[b as usize].cur)
+                .wrapping_add(u32::from(self.pending.test(b)));
         }
         std::hint::black_box(sum);
-        for i in tail..head {
-            let b = ring.entries[i as usize % RING].load(Ordering::Relaxed);
+        for b in batch.iter() {
             self.count_write(st, now, b);
         }
-        // Release: the owner may reuse the entries once it sees this.
-        ring.tail.0.store(head, Ordering::Release);
+        // Dropping the batch frees the entries for the owner.
     }
 
     /// Counts the writes buffered in the log (all from slot `log_slot`).
@@ -361,7 +371,9 @@ impl VolatilityMonitor {
         // other, so their cache misses overlap instead of queueing.
         let mut sum = 0u32;
         for &b in &log {
-            sum = sum.wrapping_add(st.stats[b as usize].cur);
+            sum = sum
+                .wrapping_add(st.stats[b as usize].cur)
+                .wrapping_add(u32::from(self.pending.test(b)));
         }
         std::hint::black_box(sum);
         for &b in &log {
@@ -384,20 +396,20 @@ impl VolatilityMonitor {
     fn count_write(&self, st: &mut State, now: u64, b: u64) {
         let i = b as usize;
         let stat = &mut st.stats[i];
-        if stat.last_slot == now {
+        if stat.last_in(now) {
             stat.cur = stat.cur.saturating_add(1);
         } else {
-            if stat.last_slot != u64::MAX {
+            if stat.cur > 0 {
                 // Settle the count of the block's entry in its older
-                // slot (still in the window: `advance` resets `last_slot`
-                // of every slot it drops).
+                // slot (still in the window: `advance` resets `cur` of
+                // every block of each slot it drops).
                 let last = stat.last_slot;
-                if let Some((_, w)) = st.slots.iter_mut().rev().find(|(s, _)| *s == last) {
+                if let Some((_, w)) = st.slots.iter_mut().rev().find(|(s, _)| *s as u32 == last) {
                     w[stat.slot_pos as usize].1 = stat.cur;
                 }
             }
             let cur = &mut st.slots.back_mut().expect("pushed by fold").1;
-            stat.last_slot = now;
+            stat.last_slot = now as u32;
             stat.cur = 1;
             stat.slot_pos = cur.len() as u32;
             cur.push((b, 0));
@@ -433,7 +445,11 @@ impl VolatilityMonitor {
 
     /// Writes seen since creation.
     pub fn total_writes(&self) -> u64 {
-        self.total_writes.get()
+        let ringed = self
+            .rings
+            .iter()
+            .map(|r| r.extra().writes.load(Ordering::Relaxed));
+        ringed.fold(self.total_writes.get(), u64::wrapping_add)
     }
 }
 
@@ -666,6 +682,48 @@ mod tests {
                 assert_eq!(v.volatility(b), want, "block {b} at step {step}");
             }
         }
+    }
+
+    /// Slot numbers past 2^32 (a block keeps only their low 32 bits): the
+    /// counts still equal the model while the slots cross the wrap.
+    #[tokio::test(start_paused = true)]
+    async fn counts_survive_slot_numbers_past_u32() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(4 * 4096));
+        // Slots of 1 µs; start 50 slots before slot 2^32.
+        let v = VolatilityMonitor::new(mem, 4096, Duration::from_micros(8)).unwrap();
+        v.add_all();
+        let slot = 1_000u128;
+        tokio::time::advance(Duration::from_nanos(((1u64 << 32) - 50) * 1_000)).await;
+        let start = Instant::now();
+        let base = v.slot_now() as u128;
+        assert!(base < 1 << 32);
+        let mut model: Vec<(u128, u64)> = Vec::new();
+        for step in 0..120u64 {
+            // Blocks 0 and 1 for 20 steps, then 2 and 3 (longer than the
+            // window): entries expire both settled and still current.
+            let b = if step % 40 < 20 {
+                step % 2
+            } else {
+                2 + step % 2
+            };
+            v.write_slice(b * 4096, &[1; 10]).await.unwrap();
+            model.push((base + start.elapsed().as_nanos() / slot, b));
+            tokio::time::advance(Duration::from_nanos(if step % 3 == 0 {
+                1_000
+            } else {
+                400
+            }))
+            .await;
+            let now = base + start.elapsed().as_nanos() / slot;
+            for b in 0..4 {
+                let want = model
+                    .iter()
+                    .filter(|(s, mb)| *mb == b && *s + SLOTS as u128 > now)
+                    .count() as u32;
+                assert_eq!(v.volatility(b), want, "block {b} at step {step}");
+            }
+        }
+        assert!(v.slot_now() > 1 << 32, "the slots crossed 2^32");
     }
 
     /// Writes buffered across slot changes and beyond the log's capacity,
