@@ -437,6 +437,9 @@ async fn wrap_device(
             // the sync started at completion knows what it has uploaded.
             let (local, remote) = dirty_tracker(built.provider.clone(), bs)
                 .map_err(|e| err("S3 dirty tracker", e))?;
+            // The syncer's age and change rules count the migration's
+            // writes too.
+            remote.keep_write_stats();
             device_top = Arc::new(local);
             recv_sync = Some(Arc::new(PendingSync {
                 tracker: Mutex::new(Some(remote)),

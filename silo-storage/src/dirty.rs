@@ -164,8 +164,9 @@ struct Shared {
     layout: BlockLayout,
     tracking: Bitfield,
     dirty: Bitfield,
-    /// Per-block last write time and change count.
-    meta: BlockMeta,
+    /// Per-block last write time and change count, kept once someone asks
+    /// for them (see [`DirtyTrackerRemote::keep_write_stats`]).
+    meta: std::sync::OnceLock<BlockMeta>,
     clock: Clock,
     local_writes: Sharded,
     local_writes_dirtying: Sharded,
@@ -179,12 +180,15 @@ impl Shared {
         self.local_writes.add_in(sh, 1);
         // Order the data write before the tracking test (see module docs).
         barrier::fast();
+        let meta = self.meta.get();
         let mut now = None;
         let mut any = false;
         for b in self.layout.blocks_touching(offset, len) {
             if self.tracking.test(b) {
-                let t = *now.get_or_insert_with(|| self.now_ms());
-                self.meta.record(b, t);
+                if let Some(meta) = meta {
+                    let t = *now.get_or_insert_with(|| self.now_ms());
+                    meta.record(b, t);
+                }
                 if !self.dirty.test(b) {
                     self.dirty.set(b);
                 }
@@ -194,6 +198,12 @@ impl Shared {
         if any {
             self.local_writes_dirtying.add_in(sh, 1);
         }
+    }
+
+    /// The write statistics, kept from now on.
+    fn write_stats(&self) -> &BlockMeta {
+        self.meta
+            .get_or_init(|| BlockMeta::new(self.layout.num_blocks()))
     }
 
     /// Milliseconds since the epoch, wrapping, never 0 (the unit of
@@ -207,7 +217,9 @@ impl Shared {
             return Err(data);
         }
         let len = data.len() as u64;
-        self.meta.touch(self.layout.first_block(offset));
+        if let Some(meta) = self.meta.get() {
+            meta.touch(self.layout.first_block(offset));
+        }
         // Returned as it came (no `?` and re-wrap), so the inner provider
         // builds the result in our caller's slot.
         let r = (*self.inner).write_now(offset, data);
@@ -248,7 +260,9 @@ impl Shared {
 
     fn forget(&self, b: u64) {
         self.tracking.clear(b);
-        self.meta.clear(b);
+        if let Some(meta) = self.meta.get() {
+            meta.clear(b);
+        }
     }
 }
 
@@ -295,7 +309,7 @@ pub fn dirty_tracker(
         layout,
         tracking: Bitfield::new(n),
         dirty: Bitfield::new(n),
-        meta: BlockMeta::new(n),
+        meta: std::sync::OnceLock::new(),
         clock: Clock::new(),
         local_writes: Sharded::new(),
         local_writes_dirtying: Sharded::new(),
@@ -379,6 +393,23 @@ impl DirtyTrackerRemote {
         self.s.layout
     }
 
+    /// Keeps per-block write statistics from now on: the time of each
+    /// block's last write and its writes since it last became clean, which
+    /// [`DirtyTrackerRemote::dirty_blocks`]' `max_age` and `min_changed`
+    /// rules use (the [`Syncer`](crate::syncer::Syncer) asks for them when
+    /// it is built). Until then writes skip that bookkeeping (8 bytes a
+    /// block, one likely cache miss a write on a large device), which a
+    /// migration, taking whole dirty sets, does not need. A write racing
+    /// this call may go uncounted.
+    pub fn keep_write_stats(&self) {
+        self.s.write_stats();
+    }
+
+    /// Whether write statistics are kept.
+    pub fn keeps_write_stats(&self) -> bool {
+        self.s.meta.get().is_some()
+    }
+
     /// Starts tracking the blocks touched by `[offset, offset + len)` as if
     /// they had been read (e.g. blocks the destination already has).
     pub fn track_at(&self, offset: u64, len: u64) {
@@ -429,14 +460,19 @@ impl DirtyTrackerRemote {
     /// last write is at least `sel.max_age` old (settled, oldest first), then
     /// the others written at least `sel.min_changed` times (most changed
     /// first). The rest stay dirty. Each returned block must be re-read.
+    ///
+    /// The first call starts keeping write statistics if
+    /// [`DirtyTrackerRemote::keep_write_stats`] has not; blocks dirtied
+    /// before that have no recorded write and count as settled.
     pub fn dirty_blocks(&self, sel: DirtySelect) -> Vec<u64> {
         self.s.snapshots.fetch_add(1, Ordering::Relaxed);
+        let meta = self.s.write_stats();
         let now = self.s.now_ms();
         let age_ms = sel.max_age.as_millis().min(u128::from(u64::MAX)) as u64;
         let mut settled = Vec::new();
         let mut busy = Vec::new();
         for b in self.s.dirty.iter_set() {
-            let (t, c) = self.s.meta.get(b);
+            let (t, c) = meta.get(b);
             // t == 0: marked dirty without a tracked write (mark_dirty).
             if t == 0 || u64::from(now.wrapping_sub(t)) >= age_ms {
                 settled.push((t, b));
@@ -568,6 +604,7 @@ mod tests {
     async fn selective_dirty_blocks() {
         let mem: DynProvider = Arc::new(MemoryStorage::new(16 * 4096));
         let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.keep_write_stats();
         remote.track_at(0, 16 * 4096);
         local.write_slice(0, &[1u8; 4096]).await.unwrap();
         tokio::time::advance(Duration::from_millis(200)).await;
@@ -684,6 +721,15 @@ mod tests {
         }
     }
 
+    /// A selection in which no block written in the last hour has settled.
+    fn young(min_changed: u32) -> DirtySelect {
+        DirtySelect {
+            max_age: Duration::from_secs(3600),
+            limit: 10,
+            min_changed,
+        }
+    }
+
     /// Writes from many threads at once (more than there are shards) all
     /// count towards `min_changed`, per block.
     #[test]
@@ -691,6 +737,7 @@ mod tests {
         let threads = crate::shard::SHARDS as u64 + 4;
         let mem: DynProvider = Arc::new(MemoryStorage::new(threads * 4096));
         let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.keep_write_stats();
         remote.track_at(0, threads * 4096);
         // Thread t writes its own block 1 + 9 t times.
         let writes = |t: u64| 1 + 9 * t;
@@ -732,6 +779,7 @@ mod tests {
     async fn snapshot_resets_change_counts() {
         let mem: DynProvider = Arc::new(MemoryStorage::new(8 * 4096));
         let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.keep_write_stats();
         remote.track_at(0, 8 * 4096);
         for _ in 0..5 {
             local.write_slice(3 * 4096, &[1; 10]).await.unwrap();
@@ -741,15 +789,38 @@ mod tests {
         for _ in 0..2 {
             local.write_slice(3 * 4096, &[2; 10]).await.unwrap();
         }
-        let sel = |min_changed| DirtySelect {
-            max_age: Duration::from_secs(3600),
-            limit: 10,
-            min_changed,
-        };
         assert!(
-            remote.dirty_blocks(sel(3)).is_empty(),
+            remote.dirty_blocks(young(3)).is_empty(),
             "counted the old round"
         );
-        assert_eq!(remote.dirty_blocks(sel(2)), vec![3]);
+        assert_eq!(remote.dirty_blocks(young(2)), vec![3]);
+    }
+
+    /// Without `keep_write_stats` writes keep no statistics (no table is
+    /// even allocated); the first `dirty_blocks` starts them, and blocks
+    /// dirtied before count as settled.
+    #[tokio::test(start_paused = true)]
+    async fn write_stats_start_when_asked() {
+        let mem: DynProvider = Arc::new(MemoryStorage::new(8 * 4096));
+        let (local, remote) = dirty_tracker(mem, 4096).unwrap();
+        remote.track_at(0, 8 * 4096);
+        for _ in 0..5 {
+            local.write_slice(2 * 4096, &[1; 10]).await.unwrap();
+        }
+        assert_eq!(remote.take_dirty(), vec![2]);
+        assert!(!remote.keeps_write_stats());
+        remote.track_at(0, 8 * 4096);
+        for _ in 0..5 {
+            local.write_slice(3 * 4096, &[1; 10]).await.unwrap();
+        }
+        // Young and changed 5 times, but unrecorded: settled.
+        assert_eq!(remote.dirty_blocks(young(100)), vec![3]);
+        assert!(remote.keeps_write_stats());
+        // From now on writes are recorded: young and changed twice.
+        for _ in 0..2 {
+            local.write_slice(4 * 4096, &[1; 10]).await.unwrap();
+        }
+        assert!(remote.dirty_blocks(young(3)).is_empty());
+        assert_eq!(remote.dirty_blocks(young(2)), vec![4]);
     }
 }

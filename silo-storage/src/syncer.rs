@@ -153,7 +153,11 @@ impl std::fmt::Debug for Syncer {
 
 impl Syncer {
     /// A syncer reading `tracker` (the remote side of the device's dirty
-    /// tracker) and writing `dest` (same size).
+    /// tracker) and writing `dest` (same size). The tracker keeps write
+    /// statistics from now on ([`DirtyTrackerRemote::keep_write_stats`]),
+    /// for the `max_age` and `min_changed` rules; call that when the
+    /// tracker is built if the syncer comes later and earlier writes should
+    /// count.
     pub fn new(tracker: DirtyTrackerRemote, dest: DynProvider, cfg: SyncerConfig) -> Result<Self> {
         let layout = tracker.layout();
         if dest.size() != layout.size() {
@@ -168,6 +172,7 @@ impl Syncer {
                 "syncer concurrency and limit must be at least 1".into(),
             ));
         }
+        tracker.keep_write_stats();
         Ok(Syncer {
             inner: Arc::new(Inner {
                 tracker,
