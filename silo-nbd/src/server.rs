@@ -7,7 +7,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -615,6 +615,19 @@ enum Io {
     Wrote(std::io::Result<()>),
 }
 
+/// A write-side poll result with "0 bytes" turned into error `kind`: a
+/// sink that takes nothing (or a file that ends early) would otherwise be
+/// polled forever.
+fn nonzero(
+    p: Poll<std::io::Result<usize>>,
+    kind: std::io::ErrorKind,
+) -> Poll<std::io::Result<usize>> {
+    match p {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(kind.into())),
+        p => p,
+    }
+}
+
 impl OutQueue {
     /// Replies handed to one `writev` at most.
     const BATCH: usize = 64;
@@ -655,15 +668,9 @@ impl OutQueue {
             // The front reply's file payload, once its header is out.
             let sent = self.front_done.checked_sub(front.memory_len());
             if let (Some(f), Some(sent)) = (&front.file, sent) {
-                let n = match w.poll_sendfile(cx, &f.file, f.offset + sent as u64, f.len - sent) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    // The file is shorter than the device said.
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()))
-                    }
-                    Poll::Ready(Ok(n)) => n,
-                };
+                let sending = w.poll_sendfile(cx, &f.file, f.offset + sent as u64, f.len - sent);
+                // 0: the file is shorter than the device said.
+                let n = ready!(nonzero(sending, std::io::ErrorKind::UnexpectedEof))?;
                 self.advance(n);
                 continue;
             }
@@ -690,14 +697,8 @@ impl OutQueue {
                         break 'fill;
                     }
                 }
-                match Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k]) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
-                    }
-                    Poll::Ready(Ok(n)) => n,
-                }
+                let writing = Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k]);
+                ready!(nonzero(writing, std::io::ErrorKind::WriteZero))?
             };
             self.advance(n);
         }
