@@ -473,7 +473,8 @@ impl DirtyTrackerRemote {
         let mut busy = Vec::new();
         for b in self.s.dirty.iter_set() {
             let (t, c) = meta.get(b);
-            // t == 0: marked dirty without a tracked write (mark_dirty).
+            // t == 0: no recorded write (mark_dirty, or dirtied before the
+            // statistics started).
             if t == 0 || u64::from(now.wrapping_sub(t)) >= age_ms {
                 settled.push((t, b));
             } else if c >= sel.min_changed.min(u32::from(u16::MAX)) {
